@@ -1,0 +1,221 @@
+"""Landmark inference engine: chunked prefill and token-by-token decoding with
+per-head top-k block retrieval (method page, section 3).
+
+We run our own layer loop over a transformers LlamaForCausalLM and call its
+submodules (norms, projections, MLP), so bitsandbytes layers and peft adapters
+work unchanged; only attention is ours.
+
+Positions: every step's window (the open block followed by the new tokens)
+starts right after k block-sized slots. Retrieved blocks take the last of
+those slots, in their original order, so when every stored block is retrieved
+relative distances equal those of the unchunked sequence.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from transformers.models.llama.modeling_llama import rotate_half
+
+from .block_store import LayerBlockStore
+from .grouped_attention import grouped_attention
+from .landmarks import LandmarkConfig, insert_landmarks
+
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """RoPE: x [..., P, d] with cos/sin broadcastable to it."""
+    return x * cos + rotate_half(x) * sin
+
+
+@dataclass
+class RetrievalStep:
+    """What every layer and key/value head retrieved for one step."""
+
+    kind: str  # "chunk" or "token"
+    position: int  # ordinary tokens consumed before this step
+    block_ids: torch.Tensor  # [layers, Hkv, r] long
+    scores: torch.Tensor  # [layers, Hkv, r] float: softmax over blocks, max over queries
+
+
+@dataclass
+class RetrievalTrace:
+    steps: list[RetrievalStep] = field(default_factory=list)
+
+
+@dataclass
+class _OpenBlock:
+    """Unrotated keys/values of the open block's tokens, per layer: [1, Hkv, p, d]."""
+
+    keys: list[torch.Tensor]
+    values: list[torch.Tensor]
+
+
+class LandmarkEngine:
+    """Holds one context (block stores + open block) for a LlamaForCausalLM."""
+
+    def __init__(self, model, config: LandmarkConfig, offload: str = "cpu", kv_dtype: torch.dtype | None = None):
+        self.model = model
+        self.config = config
+        self.llama = model.model
+        mc = model.config
+        self.n_heads = mc.num_attention_heads
+        self.n_kv = mc.num_key_value_heads
+        self.head_dim = getattr(mc, "head_dim", None) or mc.hidden_size // self.n_heads
+        self.device = self.llama.embed_tokens.weight.device
+        self.dtype = kv_dtype or self.llama.embed_tokens.weight.dtype
+        self.offload = offload
+        self.trace = RetrievalTrace()
+        self.reset()
+
+    # ----- state -----
+    def reset(self) -> None:
+        n_layers = len(self.llama.layers)
+        self.stores = [LayerBlockStore(self.n_kv, self.config.block_size, self.head_dim, self.dtype,
+                                       self.device, self.offload) for _ in range(n_layers)]
+        empty = torch.zeros(1, self.n_kv, 0, self.head_dim, dtype=self.dtype, device=self.device)
+        self.open = _OpenBlock([empty] * n_layers, [empty] * n_layers)
+        self.n_tokens = 0  # ordinary tokens consumed
+        self.trace = RetrievalTrace()
+
+    @property
+    def n_blocks(self) -> int:
+        return len(self.stores[0])
+
+    @property
+    def open_len(self) -> int:
+        return self.open.keys[0].shape[2]
+
+    def memory(self) -> dict[str, int]:
+        total = {"device": 0, "host": 0}
+        for store in self.stores:
+            for where, n in store.bytes_on().items():
+                total[where] += n
+        return total
+
+    def snapshot(self) -> tuple:
+        """A cheap mark to roll back to (store sizes + open block + counters)."""
+        return (self.n_blocks, list(self.open.keys), list(self.open.values), self.n_tokens, len(self.trace.steps))
+
+    def rollback(self, mark: tuple) -> None:
+        n_blocks, keys, values, n_tokens, n_steps = mark
+        for store in self.stores:
+            store.truncate(n_blocks)
+        self.open = _OpenBlock(list(keys), list(values))
+        self.n_tokens = n_tokens
+        del self.trace.steps[n_steps:]
+
+    # ----- feeding tokens -----
+    @torch.inference_mode()
+    def feed(self, ids: list[int], progress=None) -> torch.Tensor:
+        """Consume ordinary tokens (landmarks are inserted here); return the
+        logits [vocab] that follow the last one."""
+        if not ids:
+            raise ValueError("nothing to feed")
+        cfg = self.config
+        stream = insert_landmarks(ids, cfg.block_size, cfg.landmark_id, filled=self.open_len)
+        # The stream's last ordinary token is the one whose logits we return;
+        # a landmark closing its block may follow it and is causal-invisible to it.
+        last_ordinary = len(stream) - 1 - (stream[-1] == cfg.landmark_id)
+        logits = None
+        start = 0
+        while start < len(stream):
+            room = cfg.prefill_chunk - self.open_len
+            piece = stream[start : start + max(room, 1)]
+            want = last_ordinary - start if start <= last_ordinary < start + len(piece) else None
+            out = self._step(piece, want)
+            if out is not None:
+                logits = out
+            start += len(piece)
+            if progress is not None:
+                progress(len(piece))
+        return logits
+
+    def _step(self, piece: list[int], logits_at: int | None) -> torch.Tensor | None:
+        cfg = self.config
+        S, b, k = cfg.slot, cfg.block_size, cfg.top_k
+        ids = torch.tensor(piece, device=self.device)[None]
+        T, p = ids.shape[1], self.open_len
+        W = p + T
+        h = self.llama.embed_tokens(ids)
+        window_pos = torch.arange(k * S, k * S + W, device=self.device)
+        slot_pos = torch.arange(k * S, device=self.device)
+        cos_w, sin_w = self.llama.rotary_emb(h, window_pos[None])
+        cos_s, sin_s = self.llama.rotary_emb(h, slot_pos[None])
+        cos_w, sin_w, cos_s, sin_s = (t.to(self.dtype)[0] for t in (cos_w, sin_w, cos_s, sin_s))
+        n_win_blocks = -(-W // S)
+        win_valid = (torch.arange(n_win_blocks * S, device=self.device) < W).view(n_win_blocks, S)
+        q_idx = torch.arange(p, W, device=self.device)
+
+        step_ids, step_scores = [], []
+        for li, layer in enumerate(self.llama.layers):
+            attn = layer.self_attn
+            x = layer.input_layernorm(h)
+            q = attn.q_proj(x).view(1, T, self.n_heads, self.head_dim).transpose(1, 2).to(self.dtype)
+            kk = attn.k_proj(x).view(1, T, self.n_kv, self.head_dim).transpose(1, 2).to(self.dtype)
+            vv = attn.v_proj(x).view(1, T, self.n_kv, self.head_dim).transpose(1, 2).to(self.dtype)
+            win_k = torch.cat([self.open.keys[li], kk], dim=2)
+            win_v = torch.cat([self.open.values[li], vv], dim=2)
+            q = rotate(q, cos_w[p:], sin_w[p:])
+
+            store = self.stores[li]
+            r = min(k, len(store))
+            if r:
+                ids_r, scores_r = self._select(store, q, r)
+                rk, rv, rlm = store.gather(ids_r)  # [Hkv, r, b, d], [Hkv, r, d]
+                blocks_k = torch.cat([rk, rlm[:, :, None]], dim=2)
+                blocks_v = F.pad(rv, (0, 0, 0, 1))
+                blocks_k = rotate(blocks_k, cos_s[(k - r) * S :].view(r, S, -1), sin_s[(k - r) * S :].view(r, S, -1))
+                step_ids.append(ids_r)
+                step_scores.append(scores_r)
+            else:
+                blocks_k = blocks_v = win_k.new_zeros(self.n_kv, 0, S, self.head_dim)
+            pad = n_win_blocks * S - W
+            wk = F.pad(rotate(win_k, cos_w, sin_w), (0, 0, 0, pad))[0].unflatten(1, (n_win_blocks, S))
+            wv = F.pad(win_v, (0, 0, 0, pad))[0].unflatten(1, (n_win_blocks, S))
+            keys = torch.cat([blocks_k, wk], dim=1)[None]
+            values = torch.cat([blocks_v, wv], dim=1)[None]
+            valid = torch.cat([torch.ones(r, S, dtype=torch.bool, device=self.device), win_valid])
+            out = grouped_attention(q, keys, values, r + q_idx // S, q_idx % S, valid)
+            out = out.transpose(1, 2).reshape(1, T, self.n_heads * self.head_dim).to(h.dtype)
+            h = h + attn.o_proj(out)
+            h = h + layer.mlp(layer.post_attention_layernorm(h))
+
+            closed = W // S
+            if closed:
+                store.append(win_k[0, :, : closed * S].unflatten(1, (closed, S)).transpose(0, 1),
+                             win_v[0, :, : closed * S].unflatten(1, (closed, S)).transpose(0, 1))
+            self.open.keys[li] = win_k[:, :, closed * S :].clone()
+            self.open.values[li] = win_v[:, :, closed * S :].clone()
+
+        if step_ids:
+            self.trace.steps.append(RetrievalStep("chunk" if T > 1 else "token", self.n_tokens,
+                                                  torch.stack(step_ids).cpu(), torch.stack(step_scores).cpu()))
+        self.n_tokens += sum(t != cfg.landmark_id for t in piece)
+        if logits_at is None:
+            return None
+        last = self.llama.norm(h[:, logits_at])
+        logits = self.model.lm_head(last)[0].float()
+        logits[self.config.landmark_id] = float("-inf")
+        return logits
+
+    def _select(self, store: LayerBlockStore, q: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Top-r blocks per key/value head, scored on landmark keys at their slots:
+        softmax over blocks, max over the step's queries and the head's group."""
+        cfg = self.config
+        S, k = cfg.slot, cfg.top_k
+        lm = store.landmark_keys.view()  # [n, Hkv, d]
+        n = lm.shape[0]
+        recency = torch.arange(n - 1, -1, -1, device=self.device)
+        slot = torch.where(recency < k, k - 1 - recency, torch.zeros_like(recency))
+        pos = slot * S + cfg.block_size
+        cos, sin = self.llama.rotary_emb(lm, pos[None])
+        lm_rot = rotate(lm.transpose(0, 1), cos.to(self.dtype), sin.to(self.dtype))  # [Hkv, n, d]
+        group = self.n_heads // self.n_kv
+        qg = q[0].reshape(self.n_kv, group * q.shape[2], self.head_dim)
+        scores = torch.softmax((qg @ lm_rot.transpose(1, 2)).float() / self.head_dim**0.5, dim=-1)
+        best = scores.amax(dim=1)  # [Hkv, n]
+        top_scores, top_ids = best.topk(r, dim=-1)
+        order = top_ids.argsort(dim=-1)
+        return top_ids.gather(1, order), top_scores.gather(1, order)
