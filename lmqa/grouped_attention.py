@@ -19,6 +19,9 @@ import torch
 import torch.nn.functional as F
 
 
+NEG = -1e9  # finite "minus infinity": keeps fully masked rows free of NaN, also in backward
+
+
 def grouped_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -34,40 +37,36 @@ def grouped_attention(
     block index (into N) and offset within it of every query. key_valid:
     optional [N, b+1] bool marking slots that hold a real token (padding of a
     trailing partial block is False). Returns [B, H, Q, d].
+
+    The two-level softmax collapses into one: a token j of an earlier block g
+    gets weight exp(s_ij + s_iL_g - lse_g(i)) / Z, where lse_g is the log-sum-exp
+    of the query's scores over g's tokens, and these weights over g sum to
+    exp(s_iL_g) / Z. So it is an ordinary softmax over ordinary tokens after
+    adding a per-(query, block) bias, which costs a few passes over the scores.
     """
     B, H, Q, d = q.shape
     Hkv, N, S = k.shape[1], k.shape[2], k.shape[3]
     b = S - 1
     group = H // Hkv
     qg = q.reshape(B, Hkv, group * Q, d)
-    scores = torch.einsum("bhqd,bhnsd->bhqns", qg, k) / math.sqrt(d)
-    scores = scores.view(B, Hkv, group, Q, N, S).float()
+    scores = torch.einsum("bhqd,bhnsd->bhqns", qg, k).float() * (1.0 / math.sqrt(d))
+    scores = scores.view(B, Hkv, group, Q, N, S)
 
     blk = torch.arange(N, device=q.device)
-    off = torch.arange(S, device=q.device)
-    qb = q_block.view(Q, 1, 1)
-    qo = q_offset.view(Q, 1, 1)
-    same = blk.view(1, N, 1) == qb
-    earlier = blk.view(1, N, 1) < qb
-    ordinary = off.view(1, 1, S) < b
-    direct = same & ordinary & (off.view(1, 1, S) <= qo)  # [Q, N, S]
-    inner = earlier & ordinary
-    landmark = earlier & ~ordinary
+    qb = q_block.view(Q, 1)
+    same = (blk.view(1, N) == qb).float()  # [Q, N]
+    earlier = (blk.view(1, N) < qb).float()
+    later = 1.0 - same - earlier
+    after_query = (torch.arange(b, device=q.device).view(1, b) > q_offset.view(Q, 1)).float()  # [Q, b]
+    # own block: causal; later blocks: hidden; padding: hidden
+    token_bias = NEG * (same[:, :, None] * after_query[:, None, :] + later[:, :, None])  # [Q, N, b]
     if key_valid is not None:
-        direct = direct & key_valid
-        inner = inner & key_valid
-        landmark = landmark & key_valid
+        token_bias = token_bias + NEG * (~key_valid[:, :b]).float()
 
-    neg = torch.finfo(scores.dtype).min
-    outer_scores = scores.masked_fill(~(direct | landmark), neg)
-    outer_lse = torch.logsumexp(outer_scores.flatten(-2), dim=-1)  # [B,Hkv,g,Q]
-    outer_p = torch.exp(outer_scores - outer_lse[..., None, None])
-    outer_p = outer_p.masked_fill(~(direct | landmark), 0.0)
-
-    inner_scores = scores[..., :b].masked_fill(~inner[..., :b], neg)
-    inner_p = torch.softmax(inner_scores, dim=-1).masked_fill(~inner[..., :b], 0.0)
-    block_share = outer_p[..., b:].masked_fill(~landmark[..., b:], 0.0)  # [.., Q, N, 1]
-    weights = outer_p[..., :b].masked_fill(~direct[..., :b], 0.0) + block_share * inner_p
+    tokens = scores[..., :b] + token_bias
+    inner_lse = torch.logsumexp(tokens, dim=-1)  # [.., Q, N]
+    block_bias = earlier * (scores[..., b] - inner_lse)  # the landmark's share, per (query, block)
+    weights = torch.softmax((tokens + block_bias[..., None]).flatten(-2), dim=-1).view_as(tokens)
 
     out = torch.einsum("bhgqns,bhnsd->bhgqd", weights.to(v.dtype), v[..., :b, :])
     return out.reshape(B, H, Q, d)

@@ -1,0 +1,2 @@
+from lmqa.cli import app
+app(prog_name="lmqa")

@@ -1,0 +1,65 @@
+"""The generation loop: feed the prompt once, then one token at a time."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from .engine import LandmarkEngine
+
+
+@dataclass
+class SamplingConfig:
+    max_new_tokens: int = 256
+    temperature: float = 0.0  # 0 = greedy
+    top_p: float = 1.0
+    seed: int | None = None
+
+
+def sample(logits: torch.Tensor, cfg: SamplingConfig, generator: torch.Generator | None) -> int:
+    if cfg.temperature <= 0:
+        return int(logits.argmax())
+    probs = torch.softmax(logits / cfg.temperature, dim=-1)
+    if cfg.top_p < 1.0:
+        sorted_p, order = probs.sort(descending=True)
+        keep = sorted_p.cumsum(0) - sorted_p < cfg.top_p
+        probs = torch.zeros_like(probs).scatter(0, order[keep], sorted_p[keep])
+    return int(torch.multinomial(probs, 1, generator=generator))
+
+
+def generate(engine: LandmarkEngine, prompt_ids: list[int], cfg: SamplingConfig, stop_ids: set[int],
+             on_token: Callable[[int], None] | None = None, on_prefill: Callable[[int], None] | None = None) -> list[int]:
+    """Generate after prompt_ids; on_token streams each new token, on_prefill
+    reports prefill progress in positions."""
+    generator = torch.Generator().manual_seed(cfg.seed) if cfg.seed is not None else None
+    logits = engine.feed(prompt_ids, progress=on_prefill)
+    out: list[int] = []
+    for _ in range(cfg.max_new_tokens):
+        tok = sample(logits.cpu(), cfg, generator)
+        if tok in stop_ids:
+            break
+        out.append(tok)
+        if on_token is not None:
+            on_token(tok)
+        logits = engine.feed([tok])
+    return out
+
+
+class StreamDecoder:
+    """Turns a growing list of token ids into printable text increments,
+    holding back bytes that do not yet form a whole character."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.ids: list[int] = []
+        self.emitted = ""
+
+    def push(self, tok: int) -> str:
+        self.ids.append(tok)
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        if text.endswith("\ufffd"):
+            return ""
+        new, self.emitted = text[len(self.emitted):], text
+        return new

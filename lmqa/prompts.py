@@ -1,0 +1,12 @@
+"""Prompt templates, kept as files under prompts/ so they can be read and edited."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+PROMPTS_DIR = Path(os.environ.get("LMQA_PROMPTS", Path(__file__).resolve().parent.parent / "prompts"))
+
+
+def template(name: str) -> str:
+    return (PROMPTS_DIR / f"{name}.txt").read_text().rstrip("\n")
