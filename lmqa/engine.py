@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from transformers.models.llama.modeling_llama import rotate_half
 
 from .block_store import LayerBlockStore
-from .grouped_attention import grouped_attention
+from .grouped_attention import blockwise_grouped_attention
 from .landmarks import LandmarkConfig, insert_landmarks
 
 
@@ -66,6 +66,7 @@ class LandmarkEngine:
         self.device = self.llama.embed_tokens.weight.device
         self.dtype = kv_dtype or self.llama.embed_tokens.weight.dtype
         self.offload = offload
+        self.tile = 1  # query blocks per attention tile
         self.trace = RetrievalTrace()
         self.reset()
 
@@ -177,7 +178,7 @@ class LandmarkEngine:
             keys = torch.cat([blocks_k, wk], dim=1)[None]
             values = torch.cat([blocks_v, wv], dim=1)[None]
             valid = torch.cat([torch.ones(r, S, dtype=torch.bool, device=self.device), win_valid])
-            out = grouped_attention(q, keys, values, r + q_idx // S, q_idx % S, valid)
+            out = blockwise_grouped_attention(q, keys, values, r + q_idx // S, q_idx % S, valid, tile=self.tile)
             out = out.transpose(1, 2).reshape(1, T, self.n_heads * self.head_dim).to(h.dtype)
             h = h + attn.o_proj(out)
             h = h + layer.mlp(layer.post_attention_layernorm(h))

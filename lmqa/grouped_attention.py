@@ -38,18 +38,18 @@ def grouped_attention(
     optional [N, b+1] bool marking slots that hold a real token (padding of a
     trailing partial block is False). Returns [B, H, Q, d].
 
-    The two-level softmax collapses into one: a token j of an earlier block g
-    gets weight exp(s_ij + s_iL_g - lse_g(i)) / Z, where lse_g is the log-sum-exp
-    of the query's scores over g's tokens, and these weights over g sum to
-    exp(s_iL_g) / Z. So it is an ordinary softmax over ordinary tokens after
-    adding a per-(query, block) bias, which costs a few passes over the scores.
+    Every block gets one outer logit per query (its landmark score if earlier,
+    the log-sum-exp of its visible tokens if it is the query's own block), and
+    a token's weight is its block's outer probability times its softmax within
+    the block. Only one exp and two reductions touch the full score tensor,
+    which is what bounds CPU prefill speed.
     """
     B, H, Q, d = q.shape
     Hkv, N, S = k.shape[1], k.shape[2], k.shape[3]
     b = S - 1
     group = H // Hkv
     qg = q.reshape(B, Hkv, group * Q, d)
-    scores = torch.einsum("bhqd,bhnsd->bhqns", qg, k).float() * (1.0 / math.sqrt(d))
+    scores = (qg @ k.reshape(B, Hkv, N * S, d).transpose(-1, -2)).float() * (1.0 / math.sqrt(d))
     scores = scores.view(B, Hkv, group, Q, N, S)
 
     blk = torch.arange(N, device=q.device)
@@ -57,19 +57,53 @@ def grouped_attention(
     same = (blk.view(1, N) == qb).float()  # [Q, N]
     earlier = (blk.view(1, N) < qb).float()
     later = 1.0 - same - earlier
-    after_query = (torch.arange(b, device=q.device).view(1, b) > q_offset.view(Q, 1)).float()  # [Q, b]
-    # own block: causal; later blocks: hidden; padding: hidden
-    token_bias = NEG * (same[:, :, None] * after_query[:, None, :] + later[:, :, None])  # [Q, N, b]
+    hidden_in_own = (torch.arange(S, device=q.device).view(1, S) > q_offset.view(Q, 1)).float()  # [Q, S]
+    hidden_in_own[:, b] = 1.0  # a block's own landmark is never attended as a token
+    is_landmark = torch.zeros(S, device=q.device)
+    is_landmark[b] = 1.0
+    # landmark slots carry no value; own block is causal; later blocks are hidden
+    token_bias = NEG * torch.clamp(same[:, :, None] * hidden_in_own[:, None, :] + later[:, :, None] + is_landmark, max=1.0)
     if key_valid is not None:
-        token_bias = token_bias + NEG * (~key_valid[:, :b]).float()
+        token_bias = token_bias + NEG * (~key_valid).float()
 
-    tokens = scores[..., :b] + token_bias
-    inner_lse = torch.logsumexp(tokens, dim=-1)  # [.., Q, N]
-    block_bias = earlier * (scores[..., b] - inner_lse)  # the landmark's share, per (query, block)
-    weights = torch.softmax((tokens + block_bias[..., None]).flatten(-2), dim=-1).view_as(tokens)
+    tokens = scores + token_bias  # [.., Q, N, S]
+    block_max = tokens.amax(dim=-1, keepdim=True)
+    e = torch.exp(tokens - block_max)
+    block_sum = e.sum(dim=-1)  # [.., Q, N]
+    inner_lse = block_max[..., 0] + torch.log(block_sum)
+    # outer logits per (query, block): earlier blocks through their landmark,
+    # the own block through its tokens' log-sum-exp, later blocks hidden
+    outer = earlier * scores[..., b] + same * inner_lse + NEG * later
+    outer_lse = torch.logsumexp(outer, dim=-1, keepdim=True)
+    share = torch.exp(outer - outer_lse) / block_sum  # mass of each block over its summed exps
+    weights = (e * share[..., None]).view(B, Hkv, group * Q, N * S)
 
-    out = torch.einsum("bhgqns,bhnsd->bhgqd", weights.to(v.dtype), v[..., :b, :])
+    out = weights.to(v.dtype) @ v.reshape(B, Hkv, N * S, d)
     return out.reshape(B, H, Q, d)
+
+
+def blockwise_grouped_attention(q, k, v, q_block, q_offset, key_valid=None, tile: int = 1) -> torch.Tensor:
+    """grouped_attention computed one tile of `tile` query blocks at a time.
+
+    Queries must be sorted by block. Each tile sees only the key blocks up to
+    its last query block, which skips the hidden upper triangle (about a third
+    of the work for a typical prefill chunk) and keeps the score tensors small
+    enough to stay in cache; during training it bounds peak memory.
+    """
+    outs = []
+    start = 0
+    Q = q.shape[2]
+    bounds = torch.searchsorted(q_block, torch.arange(int(q_block[0]) + tile, int(q_block[-1]) + tile + 1, tile,
+                                                      device=q_block.device)).tolist()
+    for end in bounds:
+        if end <= start:
+            continue
+        n_keys = int(q_block[end - 1]) + 1
+        outs.append(grouped_attention(q[:, :, start:end], k[:, :, :n_keys], v[:, :, :n_keys], q_block[start:end],
+                                      q_offset[start:end], None if key_valid is None else key_valid[:n_keys]))
+        start = end
+    assert start == Q
+    return torch.cat(outs, dim=2)
 
 
 def sequence_grouped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_size: int) -> torch.Tensor:
