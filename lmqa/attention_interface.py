@@ -18,14 +18,17 @@ NAME = "landmark"
 
 def landmark_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor,
                                value: torch.Tensor, attention_mask, **kwargs) -> tuple[torch.Tensor, None]:
-    out = sequence_grouped_attention(query, key, value, module.config.landmark_block_size)
+    out = sequence_grouped_attention(query, key, value, module.config.landmark_block_size,
+                                     tile=getattr(module.config, "landmark_attention_tile", None))
     return out.transpose(1, 2).contiguous(), None
 
 
 AttentionInterface.register(NAME, landmark_attention_forward)
 
 
-def use_landmark_attention(model, block_size: int) -> None:
-    """Switch a loaded LlamaForCausalLM (or a peft wrapper of one) to the grouped softmax."""
+def use_landmark_attention(model, block_size: int, tile: int | None = None) -> None:
+    """Switch a loaded LlamaForCausalLM (or a peft wrapper of one) to the grouped softmax;
+    tile selects the memory-efficient blockwise form (query blocks per tile)."""
     model.config.landmark_block_size = block_size
+    model.config.landmark_attention_tile = tile
     model.config._attn_implementation = NAME

@@ -234,3 +234,65 @@ def ask(
               f"{len(out)} tokens in {end - first:.1f} s[/dim]")
     if show_blocks:
         console.print(summarize(engine, tok, ids, doc_start, show_blocks))
+
+
+# ----- train -----
+@app.command("train")
+@friendly
+def train_command(
+    data: Annotated[list[Path], typer.Argument(help="Text files or directories (books, source trees), or a tokens .safetensors made by --tokenize-only.")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Directory for checkpoints, the adapter, losses and the loss plot. Rerunning resumes.")],
+    steps: Annotated[int, typer.Option(min=1, help="Optimizer steps.")] = 1000,
+    context: Annotated[int, typer.Option(min=32, help="Training context in positions (landmarks included).")] = 1024,
+    batch_size: Annotated[int, typer.Option(min=1, help="Sequences per step and device.")] = 8,
+    grad_accum: Annotated[int, typer.Option(min=1, help="Gradient accumulation steps.")] = 1,
+    lr: Annotated[float, typer.Option(help="Peak learning rate (cosine schedule).")] = 5e-4,
+    synthetic_rate: Annotated[float, typer.Option(min=0.0, max=1.0, help="Share of synthetic long-range retrieval examples.")] = 0.5,
+    lora_rank: Annotated[int, typer.Option(min=1, help="LoRA rank on all attention and MLP projections.")] = 16,
+    attention_tile: Annotated[Optional[int], typer.Option(min=1, help="Query blocks per attention tile (memory-efficient grouped softmax).")] = 4,
+    save_every: Annotated[int, typer.Option(min=1, help="Checkpoint interval in steps.")] = 100,
+    max_minutes: Annotated[Optional[float], typer.Option(help="Stop with a checkpoint after this many minutes.")] = None,
+    tokenize_only: Annotated[Optional[Path], typer.Option(help="Only tokenize DATA into this .safetensors file and exit.")] = None,
+    seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+    model: ModelOpt = None, device: DeviceOpt = "auto", block_size: BlockOpt = None,
+):
+    """Fine-tune a LLaMA-family model with landmark tokens (LoRA + landmark embedding)."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from .train import TrainConfig, add_lora, export_adapter, plot_losses, train
+    from .train_data import ExampleSampler, load_stream, tokenize_corpus
+
+    base = model or "smollm2-135m"
+    loaded = _load(base, "none", device, None, block_size)
+    tok = loaded.tokenizer
+    if len(data) == 1 and data[0].suffix == ".safetensors":
+        if not data[0].is_file():
+            raise UserError(f"{data[0]}: no such file")
+        stream = load_stream(data[0])
+    else:
+        for p in data:
+            if not p.exists():
+                raise UserError(f"{p}: no such file or directory")
+        with err.status("tokenizing training data"):
+            stream = tokenize_corpus(data, tok, tokenize_only)
+        if tokenize_only:
+            console.print(f"wrote {len(stream):,} tokens to {tokenize_only}")
+            return
+    err.print(f"[dim]{len(stream):,} training tokens[/dim]")
+    cfg = TrainConfig(output=output, steps=steps, context=context, block_size=loaded.landmark.block_size,
+                      batch_size=batch_size, grad_accum=grad_accum, lr=lr, synthetic_rate=synthetic_rate,
+                      lora_rank=lora_rank, lora_alpha=2 * lora_rank, save_every=save_every, seed=seed,
+                      attention_tile=attention_tile, max_minutes=max_minutes)
+    peft_model = add_lora(loaded.model, loaded.landmark.landmark_id, cfg.lora_rank, cfg.lora_alpha)
+    sampler = ExampleSampler(stream, tok, cfg.n_ordinary, cfg.synthetic_rate, seed)
+    bar = Progress(TextColumn("training"), BarColumn(), MofNCompleteColumn(), TextColumn("loss {task.fields[loss]}"),
+                   TimeRemainingColumn(), console=err)
+    with bar:
+        task = bar.add_task("train", total=steps, loss="-")
+        losses = train(peft_model, sampler, loaded.landmark.landmark_id, cfg, log=err.print,
+                       progress=lambda step, loss: bar.update(task, completed=step, loss=f"{loss:.3f}"))
+    files = export_adapter(peft_model, output / "adapter",
+                           {"base": base, "block_size": cfg.block_size, "top_k": loaded.landmark.top_k, "train_context": context})
+    plot_losses(losses, output / "loss.png", f"landmark fine-tuning of {loaded.name}")
+    (output / "losses.json").write_text(__import__("json").dumps(losses))
+    console.print(f"trained {len(losses)} steps, last loss {losses[-1]:.3f}; adapter: {', '.join(str(f) for f in files)}")

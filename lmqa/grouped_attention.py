@@ -17,6 +17,7 @@ import math
 
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 
 NEG = -1e9  # finite "minus infinity": keeps fully masked rows free of NaN, also in backward
@@ -88,8 +89,10 @@ def blockwise_grouped_attention(q, k, v, q_block, q_offset, key_valid=None, tile
     Queries must be sorted by block. Each tile sees only the key blocks up to
     its last query block, which skips the hidden upper triangle (about a third
     of the work for a typical prefill chunk) and keeps the score tensors small
-    enough to stay in cache; during training it bounds peak memory.
+    enough to stay in cache. Under autograd every tile is checkpointed, so
+    training memory for attention is O(tile x T) rather than O(T^2).
     """
+    differentiable = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
     outs = []
     start = 0
     Q = q.shape[2]
@@ -99,17 +102,21 @@ def blockwise_grouped_attention(q, k, v, q_block, q_offset, key_valid=None, tile
         if end <= start:
             continue
         n_keys = int(q_block[end - 1]) + 1
-        outs.append(grouped_attention(q[:, :, start:end], k[:, :, :n_keys], v[:, :, :n_keys], q_block[start:end],
-                                      q_offset[start:end], None if key_valid is None else key_valid[:n_keys]))
+        args = (q[:, :, start:end], k[:, :, :n_keys], v[:, :, :n_keys], q_block[start:end], q_offset[start:end],
+                None if key_valid is None else key_valid[:n_keys])
+        outs.append(checkpoint(grouped_attention, *args, use_reentrant=False) if differentiable else grouped_attention(*args))
         start = end
     assert start == Q
     return torch.cat(outs, dim=2)
 
 
-def sequence_grouped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_size: int) -> torch.Tensor:
+def sequence_grouped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_size: int,
+                               tile: int | None = None) -> torch.Tensor:
     """Training form: the whole sequence, whose landmark sits at every (b+1)-th slot.
 
     q, k, v: [B, H(kv), T, d], rotated with ordinary positions. Differentiable.
+    tile: if given, the memory-efficient blockwise form with that many query
+    blocks per tile.
     """
     T = q.shape[2]
     S = block_size + 1
@@ -119,7 +126,9 @@ def sequence_grouped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     vp = F.pad(v, (0, 0, 0, pad)).unflatten(2, (N, S))
     pos = torch.arange(T, device=q.device)
     valid = (torch.arange(N * S, device=q.device) < T).view(N, S)
-    return grouped_attention(q, kp, vp, pos // S, pos % S, valid)
+    if tile is None:
+        return grouped_attention(q, kp, vp, pos // S, pos % S, valid)
+    return blockwise_grouped_attention(q, kp, vp, pos // S, pos % S, valid, tile=tile)
 
 
 def reference_grouped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, is_landmark: torch.Tensor) -> torch.Tensor:

@@ -16,7 +16,7 @@ import subprocess
 import sys
 import tempfile
 import zipfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -180,19 +180,36 @@ def _verify_adapter(manifest: Manifest) -> None:
             raise ModelError(f"{manifest.name}: checksum mismatch for {name}: refusing to load it")
 
 
-def resolve(spec: str | None, log=print) -> tuple[Path, Manifest | None, str | None]:
-    """Map --model to (weights dir or GGUF dir, manifest, gguf file name)."""
+ADAPTER_META = "lmqa.json"
+
+
+def resolve(spec: str | None, log=print) -> tuple[Path, Manifest | None, str | None, Path | None]:
+    """Map --model to (weights dir or GGUF dir, manifest, gguf file name, adapter dir).
+
+    An adapter directory written by `lmqa train` names its base manifest and
+    landmark settings in lmqa.json, so a user's own fine-tune loads like a
+    shipped one.
+    """
     spec = spec or DEFAULT_MODEL
     manifest = find_manifest(spec)
     if manifest is not None:
-        return cached_base(manifest, log), manifest, None
+        adapter = manifest.directory if manifest.trained else None
+        return cached_base(manifest, log), manifest, None, adapter
     path = Path(spec).expanduser()
+    if path.is_dir() and (path / ADAPTER_META).is_file():
+        meta = json.loads((path / ADAPTER_META).read_text())
+        base = find_manifest(meta["base"])
+        if base is None:
+            raise ModelError(f"{path}: its base model {meta['base']!r} is not a known manifest")
+        settings = {k: meta[k] for k in ("block_size", "top_k", "train_context") if k in meta}
+        return cached_base(base, log), replace(base, name=str(path), **settings), None, path
     if path.is_file() and path.suffix == ".gguf":
-        return path.parent, None, path.name
+        return path.parent, None, path.name, None
     if path.is_dir() and (path / "config.json").is_file():
-        return path, None, None
+        return path, None, None, None
     known = ", ".join(m.name for m in list_manifests()) or "none"
-    raise ModelError(f"unknown model {spec!r}: not a manifest name ({known}), a Hugging Face directory or a .gguf file")
+    raise ModelError(f"unknown model {spec!r}: not a manifest name ({known}), a Hugging Face directory, "
+                     "an `lmqa train` adapter directory or a .gguf file")
 
 
 def load_model(spec: str | None = None, quantize: str = "none", device: str = "auto",
@@ -201,7 +218,7 @@ def load_model(spec: str | None = None, quantize: str = "none", device: str = "a
 
     dev = resolve_device(device)
     dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
-    where, manifest, gguf_file = resolve(spec, log)
+    where, manifest, gguf_file, adapter = resolve(spec, log)
     extra = {"gguf_file": gguf_file} if gguf_file else {}
     try:
         tokenizer = AutoTokenizer.from_pretrained(where, **extra)
@@ -222,11 +239,11 @@ def load_model(spec: str | None = None, quantize: str = "none", device: str = "a
         token, b, k, ctx, chunk = "<landmark>", getattr(cfg, "mem_freq", 63), 5, getattr(cfg, "train_context_length", 1024), None
         trained = hasattr(cfg, "mem_freq")
     landmark_id = getattr(cfg, "mem_id", None) if manifest is None and hasattr(cfg, "mem_id") else add_landmark_token(model, tokenizer, token)
-    if manifest is not None and manifest.trained:
+    if adapter is not None:
         from peft import PeftModel
 
         _verify_adapter(manifest)
-        model = PeftModel.from_pretrained(model, manifest.directory, is_trainable=False).get_base_model()
+        model = PeftModel.from_pretrained(model, adapter, is_trainable=False).get_base_model()
         trained = True
     if block_size is not None and trained and block_size != b:
         raise ModelError(f"{spec or DEFAULT_MODEL} was trained with block size {b}; --block-size {block_size} would not match")

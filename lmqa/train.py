@@ -1,0 +1,201 @@
+"""Landmark fine-tuning (method page, section 2): the stock transformers forward
+with the grouped softmax in every layer, next-token loss, LoRA through peft on
+all projections plus the landmark embedding row.
+
+Runs on CPU or one GPU as is, and on several GPUs under `accelerate launch`.
+Checkpoints (adapter, optimizer, step, sampler state) are safetensors + JSON
+and a rerun with the same output directory resumes from the latest one.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+
+from .attention_interface import use_landmark_attention
+from .train_data import landmark_batch
+
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+@dataclass
+class TrainConfig:
+    output: Path
+    steps: int = 1000
+    context: int = 1024  # positions per sequence, landmarks included
+    block_size: int = 63
+    batch_size: int = 8
+    grad_accum: int = 1
+    lr: float = 5e-4
+    warmup: int = 30
+    weight_decay: float = 0.0
+    synthetic_rate: float = 0.5
+    lora_rank: int = 16
+    lora_alpha: int = 32
+    save_every: int = 100
+    seed: int = 0
+    attention_tile: int | None = None  # query blocks per tile: bounds attention memory
+    max_minutes: float | None = None  # stop (with a checkpoint) after this long
+
+    @property
+    def n_ordinary(self) -> int:
+        return self.context * self.block_size // (self.block_size + 1)
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Linear warm-up, then cosine decay to 10%."""
+    if step < cfg.warmup:
+        return cfg.lr * (step + 1) / cfg.warmup
+    progress = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
+    return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+
+
+def sequence_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean over sequences of each sequence's mean token loss, so a retrieval
+    example with a handful of answer tokens weighs as much as a page of text."""
+    per_tok = F.cross_entropy(logits.float().transpose(1, 2), labels, ignore_index=-100, reduction="none")
+    counts = (labels != -100).sum(1).clamp(min=1)
+    return (per_tok.sum(1) / counts).mean()
+
+
+def add_lora(model, landmark_id: int, rank: int, alpha: int):
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0, target_modules=LORA_TARGETS,
+                        trainable_token_indices={"embed_tokens": [landmark_id]}, task_type="CAUSAL_LM")
+    return get_peft_model(model, config)
+
+
+# ----- checkpoints -----
+def _trainable(model) -> dict[str, torch.nn.Parameter]:
+    return {n: p for n, p in model.named_parameters() if p.requires_grad}
+
+
+def save_checkpoint(model, optimizer, step: int, sampler, cfg: TrainConfig, losses: list) -> None:
+    ckpt = cfg.output / "checkpoint"
+    tmp = cfg.output / "checkpoint.tmp"
+    tmp.mkdir(parents=True, exist_ok=True)
+    params = _trainable(model)
+    tensors = {f"param/{n}": p.detach().float().cpu().contiguous() for n, p in params.items()}
+    for i, (n, p) in enumerate(params.items()):
+        for key, value in optimizer.state.get(p, {}).items():
+            if torch.is_tensor(value):
+                tensors[f"opt/{n}/{key}"] = value.detach().float().cpu().reshape(value.shape).contiguous()
+    save_file(tensors, tmp / "state.safetensors")
+    (tmp / "meta.json").write_text(json.dumps({"step": step, "rng": sampler.rng.getstate()[1][:625],
+                                               "config": {k: str(v) for k, v in asdict(cfg).items()}}))
+    (tmp / "losses.json").write_text(json.dumps(losses))
+    if ckpt.exists():
+        for f in ckpt.iterdir():
+            f.unlink()
+        ckpt.rmdir()
+    tmp.rename(ckpt)
+
+
+def load_checkpoint(model, optimizer, sampler, cfg: TrainConfig) -> tuple[int, list]:
+    ckpt = cfg.output / "checkpoint"
+    if not (ckpt / "meta.json").is_file():
+        return 0, []
+    meta = json.loads((ckpt / "meta.json").read_text())
+    tensors = load_file(ckpt / "state.safetensors")
+    params = _trainable(model)
+    with torch.no_grad():
+        for n, p in params.items():
+            p.copy_(tensors[f"param/{n}"])
+            state = {k.split("/")[-1]: v.to(p.device) for k, v in tensors.items() if k.startswith(f"opt/{n}/")}
+            if state:
+                state["step"] = state["step"].cpu() if "step" in state else torch.tensor(float(meta["step"]))
+                optimizer.state[p] = state
+    sampler.rng.setstate((3, tuple(meta["rng"]), None))
+    return int(meta["step"]), json.loads((ckpt / "losses.json").read_text())
+
+
+def export_adapter(model, out_dir: Path, landmark_meta: dict) -> list[Path]:
+    """Save the adapter as fp16 safetensors, its config, and lmqa.json (base
+    manifest and landmark settings), so `--model out_dir` loads it."""
+    model.save_pretrained(out_dir, safe_serialization=True, save_embedding_layers=False)
+    (out_dir / "lmqa.json").write_text(json.dumps(landmark_meta, indent=1))
+    path = out_dir / "adapter_model.safetensors"
+    tensors = {k: v.to(torch.float16).contiguous() for k, v in load_file(path).items()}
+    save_file(tensors, path, metadata={"format": "pt"})
+    return [path, out_dir / "adapter_config.json", out_dir / "lmqa.json"]
+
+
+# ----- the loop -----
+def train(model, sampler, landmark_id: int, cfg: TrainConfig, log=print, progress=None) -> list[float]:
+    """Train `model` (a peft model, or a plain model for full training) in place on
+    sequences of cfg.n_ordinary tokens drawn from `sampler` (an ExampleSampler or
+    anything with .sample() -> Example and a random.Random at .rng)."""
+    from accelerate import Accelerator
+
+    cfg.output.mkdir(parents=True, exist_ok=True)
+    use_cuda = torch.cuda.is_available()
+    accelerator = Accelerator(mixed_precision="bf16" if use_cuda else "no", gradient_accumulation_steps=cfg.grad_accum,
+                              cpu=not use_cuda)
+    torch.manual_seed(cfg.seed + accelerator.process_index)
+    use_landmark_attention(model, cfg.block_size, tile=cfg.attention_tile)
+    sampler.rng.seed(cfg.seed + accelerator.process_index)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
+    start, losses = load_checkpoint(model, optimizer, sampler, cfg)
+    if start:
+        log(f"resuming from step {start}")
+    model, optimizer = accelerator.prepare(model, optimizer)
+    model.train()
+    began = time.monotonic()
+    step = start
+    for step in range(start, cfg.steps):
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(step, cfg)
+        total = 0.0
+        for _ in range(cfg.grad_accum):
+            with accelerator.accumulate(model):
+                inputs, labels = landmark_batch([sampler.sample() for _ in range(cfg.batch_size)], cfg.block_size,
+                                                landmark_id)
+                logits = model(input_ids=inputs.to(accelerator.device)).logits
+                loss = sequence_loss(logits, labels.to(accelerator.device))
+                accelerator.backward(loss)
+                if accelerator.sync_gradients:
+                    accelerator.clip_grad_norm_(params, 1.0)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                total += loss.item() / cfg.grad_accum
+        losses.append(total)
+        if progress is not None:
+            progress(step + 1, total)
+        done = step + 1
+        out_of_time = cfg.max_minutes is not None and time.monotonic() - began > cfg.max_minutes * 60
+        if accelerator.is_main_process and (done % cfg.save_every == 0 or done == cfg.steps or out_of_time):
+            save_checkpoint(accelerator.unwrap_model(model), optimizer, done, sampler, cfg, losses)
+        if out_of_time:
+            log(f"stopping at step {done}: --max-minutes reached (rerun to resume)")
+            break
+    model.eval()
+    return losses
+
+
+def plot_losses(losses: list[float], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot(range(1, len(losses) + 1), losses, lw=0.6, alpha=0.5, label="loss")
+    window = max(1, len(losses) // 50)
+    smooth = [sum(losses[max(0, i - window + 1) : i + 1]) / len(losses[max(0, i - window + 1) : i + 1]) for i in range(len(losses))]
+    ax.plot(range(1, len(losses) + 1), smooth, lw=1.5, label=f"mean of {window}")
+    ax.set_xlabel("step")
+    ax.set_ylabel("training loss (per-sequence mean)")
+    ax.set_title(title)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
