@@ -12,6 +12,7 @@ from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from . import __version__
@@ -38,7 +39,7 @@ def friendly(fn):
         try:
             return fn(*args, **kwargs)
         except (UserError, ModelError) as e:
-            err.print(f"[red]error:[/red] {e}")
+            err.print(f"[red]error:[/red] {escape(str(e))}", soft_wrap=True, highlight=False)
             raise typer.Exit(1)
         except KeyboardInterrupt:
             err.print("[yellow]interrupted[/yellow]")

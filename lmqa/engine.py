@@ -5,10 +5,12 @@ We run our own layer loop over a transformers LlamaForCausalLM and call its
 submodules (norms, projections, MLP), so bitsandbytes layers and peft adapters
 work unchanged; only attention is ours.
 
-Positions: every step's window (the open block followed by the new tokens)
-starts right after k block-sized slots. Retrieved blocks take the last of
-those slots, in their original order, so when every stored block is retrieved
-relative distances equal those of the unchunked sequence.
+Positions (section 3.2.1): every step's window (the open block followed by
+the new tokens) starts right after k + 1 block-sized slots. Retrieved blocks
+take the last of those slots, in their original order, so when every stored
+block is retrieved relative distances equal those of the unchunked sequence.
+For scoring, the k most recent landmarks keep their own slot and all older
+ones share the oldest.
 """
 
 from __future__ import annotations
@@ -140,8 +142,9 @@ class LandmarkEngine:
         T, p = ids.shape[1], self.open_len
         W = p + T
         h = self.llama.embed_tokens(ids)
-        window_pos = torch.arange(k * S, k * S + W, device=self.device)
-        slot_pos = torch.arange(k * S, device=self.device)
+        slots = (k + 1) * S
+        window_pos = torch.arange(slots, slots + W, device=self.device)
+        slot_pos = torch.arange(slots, device=self.device)
         cos_w, sin_w = self.llama.rotary_emb(h, window_pos[None])
         cos_s, sin_s = self.llama.rotary_emb(h, slot_pos[None])
         cos_w, sin_w, cos_s, sin_s = (t.to(self.dtype)[0] for t in (cos_w, sin_w, cos_s, sin_s))
@@ -167,7 +170,7 @@ class LandmarkEngine:
                 rk, rv, rlm = store.gather(ids_r)  # [Hkv, r, b, d], [Hkv, r, d]
                 blocks_k = torch.cat([rk, rlm[:, :, None]], dim=2)
                 blocks_v = F.pad(rv, (0, 0, 0, 1))
-                blocks_k = rotate(blocks_k, cos_s[(k - r) * S :].view(r, S, -1), sin_s[(k - r) * S :].view(r, S, -1))
+                blocks_k = rotate(blocks_k, cos_s[slots - r * S :].view(r, S, -1), sin_s[slots - r * S :].view(r, S, -1))
                 step_ids.append(ids_r)
                 step_scores.append(scores_r)
             else:
@@ -209,7 +212,7 @@ class LandmarkEngine:
         lm = store.landmark_keys.view()  # [n, Hkv, d]
         n = lm.shape[0]
         recency = torch.arange(n - 1, -1, -1, device=self.device)
-        slot = torch.where(recency < k, k - 1 - recency, torch.zeros_like(recency))
+        slot = torch.where(recency < k, k - recency, torch.zeros_like(recency))
         pos = slot * S + cfg.block_size
         cos, sin = self.llama.rotary_emb(lm, pos[None])
         lm_rot = rotate(lm.transpose(0, 1), cos.to(self.dtype), sin.to(self.dtype))  # [Hkv, n, d]

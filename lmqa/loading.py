@@ -159,15 +159,15 @@ def add_landmark_token(model, tokenizer, token: str) -> int:
         return existing
     tokenizer.add_tokens([token], special_tokens=True)
     new_id = tokenizer.convert_tokens_to_ids(token)
-    emb = model.get_input_embeddings()
-    old = emb.weight.shape[0]
-    model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+    old = model.get_input_embeddings().weight.shape[0]
+    if new_id >= old:  # else the id falls on a padding row of a vocabulary rounded up
+        model.resize_token_embeddings(new_id + 1, mean_resizing=False)
     with torch.no_grad():
         emb = model.get_input_embeddings()
-        emb.weight[old:] = emb.weight[:old].float().mean(0).to(emb.weight.dtype)
+        emb.weight[new_id] = emb.weight[:old].float().mean(0).to(emb.weight.dtype)
         head = model.get_output_embeddings()
         if head is not None and head.weight.data_ptr() != emb.weight.data_ptr():
-            head.weight[old:] = head.weight[:old].float().mean(0).to(head.weight.dtype)
+            head.weight[new_id] = head.weight[:old].float().mean(0).to(head.weight.dtype)
     return new_id
 
 
@@ -197,10 +197,14 @@ def resolve(spec: str | None, log=print) -> tuple[Path, Manifest | None, str | N
         return cached_base(manifest, log), manifest, None, adapter
     path = Path(spec).expanduser()
     if path.is_dir() and (path / ADAPTER_META).is_file():
-        meta = json.loads((path / ADAPTER_META).read_text())
-        base = find_manifest(meta["base"])
+        try:
+            meta = json.loads((path / ADAPTER_META).read_text())
+            base_name = meta["base"]
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            raise ModelError(f"{path / ADAPTER_META} is not a valid lmqa adapter description ({err!r})") from None
+        base = find_manifest(base_name)
         if base is None:
-            raise ModelError(f"{path}: its base model {meta['base']!r} is not a known manifest")
+            raise ModelError(f"{path}: its base model {base_name!r} is not a known manifest")
         settings = {k: meta[k] for k in ("block_size", "top_k", "train_context") if k in meta}
         return cached_base(base, log), replace(base, name=str(path), **settings), None, path
     if path.is_file() and path.suffix == ".gguf":
