@@ -8,10 +8,10 @@ lines it holds; estimate() sizes the cache before a model is loaded.
 from .codebase import DEFAULT_MAX_FILE_BYTES
 from .dispatch import SUPPORTED, ingest
 from .document import Document, IngestError, Segment, SkipReport
-from .estimate import Estimate, estimate
+from .estimate import Estimate, estimate, kv_cache_bytes
 from .source_map import BlockSource, Location, build_source_map, tokenize_document
 
 __all__ = [
     "DEFAULT_MAX_FILE_BYTES", "SUPPORTED", "BlockSource", "Document", "Estimate", "IngestError", "Location",
-    "Segment", "SkipReport", "build_source_map", "estimate", "ingest", "tokenize_document",
+    "Segment", "SkipReport", "build_source_map", "estimate", "ingest", "kv_cache_bytes", "tokenize_document",
 ]

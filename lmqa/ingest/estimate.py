@@ -28,4 +28,10 @@ def estimate(document: Document, layers: int, kv_heads: int, head_dim: int, dtyp
         tokens = len(tokenizer(document.text, add_special_tokens=False)["input_ids"])
     else:
         tokens = math.ceil(len(document.text) / chars_per_token)
-    return Estimate(tokens, tokens * layers * 2 * kv_heads * head_dim * dtype_bytes)
+    return Estimate(tokens, kv_cache_bytes(tokens, layers, kv_heads, head_dim, dtype_bytes))
+
+
+def kv_cache_bytes(positions: int, layers: int, kv_heads: int, head_dim: int, dtype_bytes: int = 2) -> int:
+    """A key and a value per position, layer and key/value head; shared with
+    callers that already hold exact token counts, so there is one formula."""
+    return positions * layers * 2 * kv_heads * head_dim * dtype_bytes

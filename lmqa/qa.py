@@ -1,0 +1,245 @@
+"""Question answering over one ingested document held in a landmark engine.
+
+A DocumentSession reads a book or codebase into the engine once and answers
+any number of questions from that state: each question's tail is fed after
+the document, the answer is generated, and the engine rolls back to the
+document (or, with keep=True, keeps the turn for a follow-up). The prompt is
+cut at the document so the expensive part is prefilled once and reused by
+the ask command, a chat REPL and persisted contexts alike.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Literal
+
+from .engine import LandmarkEngine, RetrievalStep
+from .generation import SamplingConfig, generate
+from .ingest import BlockSource, Document, build_source_map, kv_cache_bytes, tokenize_document
+from .loading import LoadedModel
+from .prompts import template
+
+DocumentKind = Literal["document", "codebase"]
+KINDS: tuple[str, ...] = ("document", "codebase")
+
+# Placeholders cut the rendered chat template at the document, the question
+# and a previous answer; control characters never occur in prompts or templates.
+_DOC, _QUESTION, _ANSWER = "\x00", "\x01", "\x02"
+
+
+class QAPrompt:
+    """The QA prompt of prompts/qa_<kind>.txt + qa_question.txt, rendered
+    through the model's chat template (or a plain "Answer:" form for models
+    without one) and cut into the part before the document and the part
+    after it, so the document can be fed once and questions appended."""
+
+    def __init__(self, loaded: LoadedModel, kind: DocumentKind):
+        self.tokenizer = loaded.tokenizer
+        self.chat = loaded.prompt_format == "chat" and bool(getattr(self.tokenizer, "chat_template", None))
+        question = template("qa_question").replace("{question}", _QUESTION)
+        user = template(f"qa_{kind}").replace("{document}", _DOC) + "\n\n" + question
+        self.head, self._first_tail = self._render([{"role": "user", "content": user}]).split(_DOC)
+        follow_up = self._render([{"role": "user", "content": _DOC}, {"role": "assistant", "content": _ANSWER},
+                                  {"role": "user", "content": question}])
+        self._follow_up_tail = follow_up.split(_ANSWER, 1)[1]
+
+    def tail(self, question: str, follow_up: bool = False) -> str:
+        """Text after the document (or, for a follow-up, after the previous
+        answer) up to where the model's answer begins."""
+        return (self._follow_up_tail if follow_up else self._first_tail).replace(_QUESTION, question)
+
+    def _render(self, messages: list[dict[str, str]]) -> str:
+        if self.chat:
+            return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        turns = []
+        for message in messages:
+            turns.append(message["content"] + "\nAnswer:" if message["role"] == "user" else f" {message['content']}\n\n")
+        return "".join(turns)
+
+
+@dataclass(frozen=True)
+class IngestStats:
+    """The document's one prefill: ordinary tokens (prompt head included),
+    engine positions (landmarks included) and wall time."""
+
+    tokens: int
+    positions: int
+    seconds: float
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / max(self.seconds, 1e-9)
+
+
+@dataclass(frozen=True)
+class Timings:
+    """One answer. first_token_s runs from the call to the first answer token
+    (question prefill + first sampling), what a user waits before text appears."""
+
+    question_tokens: int
+    prefill_s: float
+    first_token_s: float
+    generate_s: float  # first answer token to the last
+    answer_tokens: int
+
+    @property
+    def tokens_per_s(self) -> float:
+        """Decoding speed after the first token, which the prefill dominates."""
+        return (self.answer_tokens - 1) / self.generate_s if self.answer_tokens > 1 and self.generate_s > 0 else 0.0
+
+
+@dataclass(frozen=True)
+class RetrievedBlock:
+    """One block as retrieved by one layer: how often over heads and steps,
+    its best score, and where it came from (None for blocks of prompt text
+    or of the question, which are no part of the document)."""
+
+    block: int
+    count: int
+    best_score: float
+    source: BlockSource | None
+
+
+@dataclass
+class Answer:
+    question: str
+    text: str
+    token_ids: list[int]
+    timings: Timings
+    steps: list[RetrievalStep]  # this answer's steps: question prefill chunks, then one per generated token
+    sources: Mapping[int, BlockSource]  # the session's source map, shared
+
+    @property
+    def n_layers(self) -> int:
+        return self.steps[0].block_ids.shape[0] if self.steps else 0
+
+    def per_layer(self) -> list[list[RetrievedBlock]]:
+        """Per layer, every block it retrieved, most often first (ties: best score)."""
+        stats: list[dict[int, tuple[int, float]]] = [{} for _ in range(self.n_layers)]
+        for step in self.steps:
+            for layer, (ids, scores) in enumerate(zip(step.block_ids.tolist(), step.scores.tolist())):
+                seen = stats[layer]
+                for head_ids, head_scores in zip(ids, scores):
+                    for block, score in zip(head_ids, head_scores):
+                        count, best = seen.get(block, (0, 0.0))
+                        seen[block] = (count + 1, max(best, score))
+        return [sorted((RetrievedBlock(block, count, best, self.sources.get(block)) for block, (count, best) in seen.items()),
+                       key=lambda r: (-r.count, -r.best_score, r.block))
+                for seen in stats]
+
+
+class DocumentSession:
+    """One document in one engine: ingest() once, then ask() repeatedly.
+
+    The engine belongs to the session from ingest() on: it is reset there,
+    and every ask() leaves it at the document state (or at the last kept turn).
+    """
+
+    def __init__(self, loaded: LoadedModel, engine: LandmarkEngine, document: Document, kind: DocumentKind = "document"):
+        if kind not in KINDS:
+            raise ValueError(f"kind must be one of {KINDS}, not {kind!r}")
+        self.loaded = loaded
+        self.engine = engine
+        self.document = document
+        self.kind = kind
+        self.prompt = QAPrompt(loaded, kind)
+        self._ids: list[int] | None = None
+        self.doc_token_start = 0  # ordinary tokens of the prompt head before the document
+        self.sources: dict[int, BlockSource] = {}
+        self.stats: IngestStats | None = None
+        self._document_mark: tuple | None = None
+        self._mark: tuple | None = None  # where the next question starts: the document or the last kept turn
+        self._turns = 0
+
+    # ----- reading the document -----
+    def prepare(self) -> int:
+        """Tokenize the prompt head and the document and build the source map
+        (no model work; idempotent). Returns the ordinary token count, so a
+        caller can size and refuse a document before the prefill."""
+        if self._ids is None:
+            tok = self.loaded.tokenizer
+            head = tok(self.prompt.head, add_special_tokens=False).input_ids
+            doc_ids, offsets = tokenize_document(tok, self.document)
+            self.doc_token_start = len(head)
+            self.sources = {s.block: s for s in build_source_map(self.document, offsets, self.block_size, len(head))}
+            self._ids = head + doc_ids
+        return len(self._ids)
+
+    @property
+    def block_size(self) -> int:
+        return self.loaded.landmark.block_size
+
+    @property
+    def positions(self) -> int:
+        """Engine positions of the document state: tokens plus one landmark per full block."""
+        n = self.prepare()
+        return n + n // self.block_size
+
+    def cache_bytes(self) -> int:
+        """Keys and values the document state will hold, in the engine's dtype."""
+        e = self.engine
+        return kv_cache_bytes(self.positions, len(e.stores), e.n_kv, e.head_dim, e.dtype.itemsize)
+
+    def ingest(self, progress: Callable[[int], None] | None = None) -> IngestStats:
+        """Feed prompt head + document once and mark that state.
+        progress: called with engine positions done (landmarks included)."""
+        self.prepare()
+        self.engine.reset()
+        start = time.perf_counter()
+        self.engine.feed(self._ids, progress=progress)
+        self.stats = IngestStats(len(self._ids), self.positions, time.perf_counter() - start)
+        self._document_mark = self._mark = self.engine.snapshot()
+        self._turns = 0
+        return self.stats
+
+    # ----- questions -----
+    def ask(self, question: str, sampling: SamplingConfig, on_token: Callable[[int], None] | None = None,
+            keep: bool = False) -> Answer:
+        """Answer from the current state. keep=False rolls the engine back to
+        where this question started; keep=True keeps question and answer so
+        the next ask() is a follow-up turn."""
+        if self._mark is None:
+            raise RuntimeError("DocumentSession.ask() before ingest()")
+        tok = self.loaded.tokenizer
+        ids = tok(self.prompt.tail(question, follow_up=self._turns > 0), add_special_tokens=False).input_ids
+        first_step = len(self.engine.trace.steps)
+        times: dict[str, float] = {}
+
+        def prefilled(_: int) -> None:
+            times["prefill"] = time.perf_counter()
+
+        def token(t: int) -> None:
+            times.setdefault("first", time.perf_counter())
+            if on_token is not None:
+                on_token(t)
+
+        start = time.perf_counter()
+        out = generate(self.engine, ids, sampling, self.stop_ids(), on_token=token, on_prefill=prefilled)
+        end = time.perf_counter()
+        steps = list(self.engine.trace.steps[first_step:])
+        if keep:
+            self._turns += 1
+            self._mark = self.engine.snapshot()
+        else:
+            self.engine.rollback(self._mark)
+        first = times.get("first", end)
+        timings = Timings(len(ids), times.get("prefill", start) - start, first - start, end - first, len(out))
+        return Answer(question, tok.decode(out, skip_special_tokens=True).strip(), out, timings, steps, self.sources)
+
+    def forget(self) -> None:
+        """Drop kept turns: back to the document state."""
+        if self._document_mark is None:
+            raise RuntimeError("DocumentSession.forget() before ingest()")
+        self.engine.rollback(self._document_mark)
+        self._mark = self._document_mark
+        self._turns = 0
+
+    def stop_ids(self) -> set[int]:
+        """End of text, and the chat template's end of turn where the vocabulary has one."""
+        tok = self.loaded.tokenizer
+        stops = {tok.eos_token_id} - {None}
+        if "<|im_end|>" in tok.get_vocab():
+            stops.add(tok.convert_tokens_to_ids("<|im_end|>"))
+        return stops
