@@ -58,6 +58,9 @@ class LandmarkEngine:
     """Holds one context (block stores + open block) for a LlamaForCausalLM."""
 
     def __init__(self, model, config: LandmarkConfig, offload: str = "cpu", kv_dtype: torch.dtype | None = None):
+        """kv_dtype: how the block stores keep block keys/values (fp32, fp16,
+        bf16 or int8; default: the model's dtype). Attention always computes
+        in the model's dtype."""
         self.model = model
         self.config = config
         self.llama = model.model
@@ -66,7 +69,8 @@ class LandmarkEngine:
         self.n_kv = mc.num_key_value_heads
         self.head_dim = getattr(mc, "head_dim", None) or mc.hidden_size // self.n_heads
         self.device = self.llama.embed_tokens.weight.device
-        self.dtype = kv_dtype or self.llama.embed_tokens.weight.dtype
+        self.dtype = self.llama.embed_tokens.weight.dtype
+        self.kv_dtype = kv_dtype or self.dtype
         self.offload = offload
         self.tile = 1  # query blocks per attention tile
         self.trace = RetrievalTrace()
@@ -75,12 +79,29 @@ class LandmarkEngine:
     # ----- state -----
     def reset(self) -> None:
         n_layers = len(self.llama.layers)
-        self.stores = [LayerBlockStore(self.n_kv, self.config.block_size, self.head_dim, self.dtype,
-                                       self.device, self.offload) for _ in range(n_layers)]
+        self.stores = [self.new_store() for _ in range(n_layers)]
         empty = torch.zeros(1, self.n_kv, 0, self.head_dim, dtype=self.dtype, device=self.device)
         self.open = _OpenBlock([empty] * n_layers, [empty] * n_layers)
         self.n_tokens = 0  # ordinary tokens consumed
         self.trace = RetrievalTrace()
+
+    def new_store(self, saved: dict[str, torch.Tensor] | None = None) -> LayerBlockStore:
+        """One layer's block store with this engine's settings, optionally
+        starting from saved tensors (see LayerBlockStore)."""
+        return LayerBlockStore(self.n_kv, self.config.block_size, self.head_dim, self.dtype, self.device,
+                               self.offload, self.kv_dtype, saved)
+
+    def restore(self, stores: list[LayerBlockStore], open_keys: list[torch.Tensor], open_values: list[torch.Tensor],
+                n_tokens: int, trace: RetrievalTrace) -> None:
+        """Take over a context built elsewhere (a loaded context file): open
+        block keys/values are [1, Hkv, p, d] per layer."""
+        if len(stores) != len(self.llama.layers):
+            raise ValueError(f"{len(stores)} block stores for a {len(self.llama.layers)}-layer model")
+        self.stores = stores
+        self.open = _OpenBlock([k.to(self.device, self.dtype) for k in open_keys],
+                               [v.to(self.device, self.dtype) for v in open_values])
+        self.n_tokens = n_tokens
+        self.trace = trace
 
     @property
     def n_blocks(self) -> int:

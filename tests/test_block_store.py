@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lmqa.block_store import LayerBlockStore
+from lmqa.block_store import LayerBlockStore, parse_kv_dtype
 
 HKV, B, D = 3, 4, 5
 
@@ -32,27 +32,27 @@ def test_append_and_views(store):
     store.append(k, v)
     assert len(store) == 3
     assert torch.equal(store.landmark_keys.view(), k[:, :, -1])
-    assert torch.equal(store.keys.view(), k[:, :, :-1])
-    assert torch.equal(store.values.view(), v[:, :, :-1])
+    assert torch.equal(store.keys.view(torch.float32), k[:, :, :-1])
+    assert torch.equal(store.values.view(torch.float32), v[:, :, :-1])
     k2, v2 = blocks(2, start=3)
     store.append(k2, v2)
     assert len(store) == 5
-    assert torch.equal(store.keys.view()[3:], k2[:, :, :-1])
+    assert torch.equal(store.keys.view(torch.float32)[3:], k2[:, :, :-1])
     assert torch.equal(store.landmark_keys.view()[:3], k[:, :, -1])
 
 
 def test_growth_past_initial_capacity(store):
-    cap = store.keys.data.shape[0]
+    cap = store.keys.codes.data.shape[0]
     total = 0
     for m in (1, cap - 1, 1, 3, 2 * cap + 5):  # exactly full, then over, then a big jump
         k, v = blocks(m, start=total)
         store.append(k, v)
         total += m
         assert len(store) == total
-        assert store.keys.data.shape[0] >= total
+        assert store.keys.codes.data.shape[0] >= total
     k_all, v_all = blocks(total)
-    assert torch.equal(store.keys.view(), k_all[:, :, :-1])
-    assert torch.equal(store.values.view(), v_all[:, :, :-1])
+    assert torch.equal(store.keys.view(torch.float32), k_all[:, :, :-1])
+    assert torch.equal(store.values.view(torch.float32), v_all[:, :, :-1])
     assert torch.equal(store.landmark_keys.view(), k_all[:, :, -1])
 
 
@@ -84,15 +84,15 @@ def test_truncate_then_append_overwrites(store):
     store.append(k, v)
     store.truncate(4)
     assert len(store) == 4
-    assert store.keys.view().shape[0] == store.values.view().shape[0] == 4
+    assert store.keys.view(torch.float32).shape[0] == store.values.view(torch.float32).shape[0] == 4
     with pytest.raises(IndexError):
         store.gather(torch.tensor([[5], [0], [0]]))
     k2, v2 = blocks(3, start=50)
     store.append(k2, v2)
     assert len(store) == 7
-    assert torch.equal(store.keys.view()[4:], k2[:, :, :-1])
+    assert torch.equal(store.keys.view(torch.float32)[4:], k2[:, :, :-1])
     assert torch.equal(store.landmark_keys.view()[4:], k2[:, :, -1])
-    assert torch.equal(store.keys.view()[:4], k[:4, :, :-1])
+    assert torch.equal(store.keys.view(torch.float32)[:4], k[:4, :, :-1])
     store.truncate(100)  # never grows
     assert len(store) == 7
     store.truncate(0)
@@ -117,8 +117,8 @@ def test_dtype_conversion_on_append():
     s = LayerBlockStore(HKV, B, D, torch.float16, torch.device("cpu"), offload="cpu")
     k, v = blocks(2)
     s.append(k.double(), v.double())
-    assert s.keys.view().dtype == torch.float16
-    assert torch.equal(s.keys.view(), k[:, :, :-1].half())
+    assert s.keys.codes.dtype == torch.float16
+    assert torch.equal(s.keys.codes.view(), k[:, :, :-1].half())
     assert s.bytes_on()["host"] == 2 * 2 * HKV * B * D * 2
 
 
@@ -127,3 +127,98 @@ def test_offload_placement():
     assert cpu.keys.device.type == "cpu" and cpu.values.device.type == "cpu"
     with pytest.raises(ValueError):
         LayerBlockStore(HKV, B, D, torch.float32, torch.device("cpu"), offload="disk")
+
+
+# ----- storage dtypes -----
+def random_blocks(m, seed=0):
+    """Activation-like blocks: Gaussian with a few large outlier channels."""
+    g = torch.Generator().manual_seed(seed)
+    keys = torch.randn(m, HKV, B + 1, D, generator=g)
+    keys[..., 1] *= 20.0
+    return keys, torch.randn(m, HKV, B + 1, D, generator=g)
+
+
+@pytest.mark.parametrize("kv", ["fp32", "fp16", "bf16", "int8"])
+def test_kv_dtype_gather_error(kv):
+    """Stated bounds: fp32 exact; fp16/bf16 within their rounding (2^-11, 2^-8
+    relative); int8 within half a step of its per-(block, head, token) scale,
+    i.e. |error| <= absmax over d / 254."""
+    s = LayerBlockStore(HKV, B, D, torch.float32, torch.device("cpu"), kv_dtype=parse_kv_dtype(kv))
+    k, v = random_blocks(7)
+    s.append(k, v)
+    ids = torch.tensor([[0, 3, 6], [1, 2, 5], [6, 5, 4]])
+    gk, gv, glm = s.gather(ids)
+    assert gk.dtype == gv.dtype == torch.float32
+    heads = torch.arange(HKV)[:, None]
+    want_k, want_v = k[:, :, :-1][ids, heads], v[:, :, :-1][ids, heads]
+    assert torch.equal(glm, k[:, :, -1][ids, heads])  # landmark keys stay in the compute dtype
+    for got, want in ((gk, want_k), (gv, want_v)):
+        err = (got - want).abs()
+        if kv == "fp32":
+            assert torch.equal(got, want)
+        elif kv in ("fp16", "bf16"):
+            rel = 2.0**-11 if kv == "fp16" else 2.0**-8
+            assert (err <= want.abs() * rel + 1e-7).all()
+        else:
+            bound = want.abs().amax(-1, keepdim=True) / 254 * (1 + 1e-5)
+            assert (err <= bound).all()
+            assert err.max() > 0  # it really is quantized
+
+
+def test_int8_store_is_a_quarter_plus_scales():
+    s = LayerBlockStore(HKV, B, D, torch.float32, torch.device("cpu"), kv_dtype=torch.int8)
+    k, v = random_blocks(5)
+    s.append(k, v)
+    assert s.bytes_on()["host"] == 2 * 5 * HKV * B * (D + 4)
+
+
+def test_parse_kv_dtype():
+    assert parse_kv_dtype("int8") is torch.int8
+    with pytest.raises(ValueError, match="fp32, fp16, bf16, int8"):
+        parse_kv_dtype("fp8")
+
+
+# ----- starting from saved tensors (a mapped context file) -----
+@pytest.mark.parametrize("kv", ["fp32", "int8"])
+def test_saved_prefix_then_tail(kv):
+    """A store rebuilt from another's export gathers the same, appends into a
+    tail without touching the prefix, and rolls back to the prefix."""
+    dtype = parse_kv_dtype(kv)
+    first = LayerBlockStore(HKV, B, D, torch.float32, torch.device("cpu"), kv_dtype=dtype)
+    k, v = random_blocks(6)
+    first.append(k, v)
+    saved = {name: torch.cat(parts) for name, parts in first.export().items()}
+    frozen = {name: t.clone() for name, t in saved.items()}
+    s = LayerBlockStore(HKV, B, D, torch.float32, torch.device("cpu"), kv_dtype=dtype, saved=saved)
+    assert len(s) == 6
+    assert s.keys.codes.base.data_ptr() == saved["keys"].data_ptr()  # read in place, not copied
+    k2, v2 = random_blocks(3, seed=1)
+    s.append(k2, v2)
+    first.append(k2, v2)
+    assert len(s) == 9
+    ids = torch.tensor([[0, 5, 8], [6, 7, 8], [1, 2, 3]])  # mixed, tail only, prefix only
+    for a, b in zip(s.gather(ids), first.gather(ids)):
+        assert torch.equal(a, b)
+    for name, t in saved.items():
+        assert torch.equal(t, frozen[name]), name
+    s.truncate(6)
+    with pytest.raises(IndexError):
+        s.gather(torch.tensor([[6], [0], [0]]))
+    s.truncate(4)  # below the prefix: the prefix view shrinks
+    assert len(s) == 4 and s.keys.codes.n_base == 4
+    k3, v3 = random_blocks(1, seed=2)
+    s.append(k3, v3)
+    gk, _, _ = s.gather(torch.tensor([[4], [4], [4]]))
+    fresh = LayerBlockStore(HKV, B, D, torch.float32, torch.device("cpu"), kv_dtype=dtype)
+    fresh.append(k3, v3)
+    assert torch.equal(gk, fresh.gather(torch.tensor([[0], [0], [0]]))[0])
+    assert torch.equal(saved["keys"], frozen["keys"])
+    exported = s.export()
+    assert [p.shape[0] for p in exported["keys"]] == [4, 1]
+
+
+def test_saved_tensors_must_agree():
+    k, v = random_blocks(3)
+    with pytest.raises(ValueError, match="disagree"):
+        LayerBlockStore(HKV, B, D, torch.float32, torch.device("cpu"),
+                        saved={"landmark_keys": k[:, :, -1], "keys": k[:2, :, :-1], "values": v[:2, :, :-1]})
