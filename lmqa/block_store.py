@@ -75,16 +75,18 @@ class _Growable:
         if self.size < self.n_base:
             self.base = self.base[: self.size]
 
-    def parts(self) -> list[torch.Tensor]:
-        """The rows in order, as the frozen prefix and the tail (no copy)."""
-        return [p for p in (self.base, self.data[: self.size - self.n_base]) if p.shape[0]]
+    def parts(self, n: int | None = None) -> list[torch.Tensor]:
+        """The first n rows (default: all) in order, as the frozen prefix and
+        the tail (no copy); one empty part when there are no rows, so the
+        dtype and row shape are always at hand."""
+        n = self.size if n is None else min(n, self.size)
+        parts = [p for p in (self.base[:n], self.data[: max(n - self.n_base, 0)]) if p.shape[0]]
+        return parts or [self.data[:0]]
 
     def view(self) -> torch.Tensor:
         """All rows as one tensor: a copy when there is both a prefix and a tail."""
         parts = self.parts()
-        if len(parts) == 1:
-            return parts[0]
-        return torch.cat(parts) if parts else self.data[:0]
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
 
     def take(self, rows: torch.Tensor, heads: torch.Tensor) -> torch.Tensor:
         """self[rows, heads] (advanced indexing over the first two dims), reading
@@ -219,14 +221,15 @@ class LayerBlockStore:
         v = self.values.take(host_ids, host_heads, self.device, self.dtype)
         return k, v, lm
 
-    def export(self) -> dict[str, list[torch.Tensor]]:
-        """Tensor name -> its rows in order, as parts to write one after another
-        (the storage dtype's codes, no dequantizing and no concatenating)."""
-        out = {"landmark_keys": self.landmark_keys.parts(), "keys": self.keys.codes.parts(),
-               "values": self.values.codes.parts()}
+    def export(self, n_blocks: int | None = None) -> dict[str, list[torch.Tensor]]:
+        """Tensor name -> the first n_blocks rows (default: all), as parts to
+        write one after another (the storage dtype's codes: no dequantizing,
+        no concatenating)."""
+        out = {"landmark_keys": self.landmark_keys.parts(n_blocks), "keys": self.keys.codes.parts(n_blocks),
+               "values": self.values.codes.parts(n_blocks)}
         if self.kv_dtype == torch.int8:
-            out["key_scales"] = self.keys.scales.parts()
-            out["value_scales"] = self.values.scales.parts()
+            out["key_scales"] = self.keys.scales.parts(n_blocks)
+            out["value_scales"] = self.values.scales.parts(n_blocks)
         return out
 
     def bytes_on(self) -> dict[str, int]:

@@ -16,6 +16,7 @@ ones share the oldest.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -44,6 +45,17 @@ class RetrievalStep:
 @dataclass
 class RetrievalTrace:
     steps: list[RetrievalStep] = field(default_factory=list)
+
+
+class Mark(NamedTuple):
+    """A state to roll back to (from snapshot()); also what a context file
+    saves: the first n_blocks of every store plus this open block."""
+
+    n_blocks: int
+    open_keys: list[torch.Tensor]  # per layer [1, Hkv, p, d]
+    open_values: list[torch.Tensor]
+    n_tokens: int
+    n_steps: int
 
 
 @dataclass
@@ -118,11 +130,11 @@ class LandmarkEngine:
                 total[where] += n
         return total
 
-    def snapshot(self) -> tuple:
+    def snapshot(self) -> Mark:
         """A cheap mark to roll back to (store sizes + open block + counters)."""
-        return (self.n_blocks, list(self.open.keys), list(self.open.values), self.n_tokens, len(self.trace.steps))
+        return Mark(self.n_blocks, list(self.open.keys), list(self.open.values), self.n_tokens, len(self.trace.steps))
 
-    def rollback(self, mark: tuple) -> None:
+    def rollback(self, mark: Mark) -> None:
         n_blocks, keys, values, n_tokens, n_steps = mark
         for store in self.stores:
             store.truncate(n_blocks)

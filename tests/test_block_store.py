@@ -213,8 +213,9 @@ def test_saved_prefix_then_tail(kv):
     fresh.append(k3, v3)
     assert torch.equal(gk, fresh.gather(torch.tensor([[0], [0], [0]]))[0])
     assert torch.equal(saved["keys"], frozen["keys"])
-    exported = s.export()
-    assert [p.shape[0] for p in exported["keys"]] == [4, 1]
+    assert [p.shape[0] for p in s.export()["keys"]] == [4, 1]
+    assert [p.shape[0] for p in s.export(3)["keys"]] == [3]
+    assert [p.shape[0] for p in s.export(5)["values"]] == [4, 1]
 
 
 def test_saved_tensors_must_agree():
