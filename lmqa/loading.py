@@ -247,7 +247,10 @@ def load_model(spec: str | None = None, quantize: str = "none", device: str = "a
         from peft import PeftModel
 
         _verify_adapter(manifest)
-        model = PeftModel.from_pretrained(model, adapter, is_trainable=False).get_base_model()
+        # Merged LoRA runs at the base model's speed; quantized weights cannot
+        # absorb it, so there the LoRA layers stay beside them.
+        peft_model = PeftModel.from_pretrained(model, adapter, is_trainable=False)
+        model = peft_model.merge_and_unload() if quantize == "none" else peft_model.get_base_model()
         trained = True
     if block_size is not None and trained and block_size != b:
         raise ModelError(f"{spec or DEFAULT_MODEL} was trained with block size {b}; --block-size {block_size} would not match")

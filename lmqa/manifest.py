@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 MODELS_DIR = Path(os.environ.get("LMQA_MODELS", Path(__file__).resolve().parent.parent / "models"))
-DEFAULT_MODEL = "smollm2-135m"
+DEFAULT_MODEL = "smollm2-135m-landmark"
 
 
 class ModelError(Exception):

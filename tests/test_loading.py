@@ -82,7 +82,7 @@ def test_shipped_manifests_read():
     assert default is not None
     assert (default.landmark_token, default.block_size, default.top_k, default.train_context) == ("<landmark>", 63, 5, 1024)
     assert default.prompt_format == "chat"
-    assert not default.trained
+    assert default.trained  # the shipped landmark fine-tune is the default of every command
     assert manifest_mod.find_manifest("no-such-model") is None
 
 
@@ -177,12 +177,22 @@ def trained_manifest(models_dir, tiny_model_dir, monkeypatch):
     return d
 
 
-def test_load_trained_manifest(trained_manifest):
+def assert_lora_merged(model, base_dir):
+    """The adapter's LoRA is merged into the weights (no LoRA layers left, q_proj changed)."""
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(base_dir)
+    assert not any("lora" in name for name, _ in model.named_modules())
+    got, orig = model.model.layers[0].self_attn.q_proj.weight, base.model.layers[0].self_attn.q_proj.weight
+    assert got.shape == orig.shape and not torch.allclose(got, orig)
+
+
+def test_load_trained_manifest(trained_manifest, tiny_model_dir):
     loaded = loading.load_model("tiny-trained", device="cpu", log=lambda m: None)
     assert loaded.trained and loaded.name == "tiny-trained"
     assert loaded.landmark.block_size == 4 and loaded.landmark.top_k == 3 and loaded.landmark.chunk_size == 64
     assert loaded.prompt_format == "plain"
-    assert any("lora" in name for name, _ in loaded.model.named_modules())
+    assert_lora_merged(loaded.model, tiny_model_dir)
     assert loaded.tokenizer.convert_tokens_to_ids("<landmark>") == loaded.landmark.landmark_id
     with pytest.raises(ModelError, match="block size 4"):
         loading.load_model("tiny-trained", device="cpu", block_size=8, log=lambda m: None)
@@ -358,7 +368,7 @@ def test_load_train_adapter_directory(models_dir, tiny_model_dir, lora_dir, monk
     loaded = loading.load_model(str(lora_dir), device="cpu", log=lambda m: None)
     assert loaded.trained
     assert (loaded.landmark.block_size, loaded.landmark.top_k, loaded.landmark.train_context) == (5, 2, 128)
-    assert any("lora" in name for name, _ in loaded.model.named_modules())
+    assert_lora_merged(loaded.model, tiny_model_dir)
 
 
 @pytest.mark.parametrize("meta", ["{not json", '{"block_size": 5}', '{"base": "no-such-base"}'])
