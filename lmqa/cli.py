@@ -237,6 +237,89 @@ def ask(
         console.print(summarize(engine, tok, ids, doc_start, show_blocks))
 
 
+# ----- models -----
+@models_app.command("list")
+@friendly
+def models_list():
+    """Shipped model manifests, with whether each is trained with landmarks and cached here."""
+    from .loading import CACHE_DIR
+    from .manifest import DEFAULT_MODEL, list_manifests
+
+    table = Table(title="models", caption="* the default of every command")
+    for col in ("name", "landmarks", "b", "k", "train ctx", "cached"):
+        table.add_column(col, no_wrap=True)
+    for m in list_manifests():
+        cached = (CACHE_DIR / "converted" / m.base.member_sha256[:16]).is_dir()
+        table.add_row(m.name + (" *" if m.name == DEFAULT_MODEL else ""), "trained" if m.trained else "no",
+                      str(m.block_size), str(m.top_k), str(m.train_context), "yes" if cached else "no")
+    console.print(table)
+
+
+@models_app.command("pull")
+@friendly
+def models_pull(name: Annotated[Optional[str], typer.Argument(help="Manifest name (default: the default model).")] = None):
+    """Fetch, verify and convert a model's base weights now, so the first question does not wait."""
+    from .loading import cached_base
+    from .manifest import DEFAULT_MODEL, find_manifest, list_manifests
+
+    manifest = find_manifest(name or DEFAULT_MODEL)
+    if manifest is None:
+        known = ", ".join(m.name for m in list_manifests())
+        raise UserError(f"unknown model {name!r}: known models are {known}")
+    where = cached_base(manifest, log=lambda m: err.print(f"[dim]{m}[/dim]"))
+    console.print(f"{manifest.name}: base weights ready in {where}")
+
+
+# ----- bench -----
+@app.command()
+@friendly
+def bench(
+    lengths: Annotated[str, typer.Option("--lengths", help="Comma-separated context lengths in tokens.")] = "2000,8000,32000",
+    max_full: Annotated[int, typer.Option("--max-full", help="Skip full attention past this length (its prefill is quadratic).")] = 32000,
+    new_tokens: Annotated[int, typer.Option("--new-tokens", min=1, help="Tokens decoded per measurement.")] = 16,
+    seed: Annotated[int, typer.Option("--seed")] = 0,
+    model: ModelOpt = None, quantize: QuantOpt = "none", device: DeviceOpt = "auto",
+    kv_offload: OffloadOpt = "cpu", top_k: TopKOpt = None,
+):
+    """Engine vs transformers' full attention: prefill tokens/s, decode ms/token and memory, in one run."""
+    from .bench import bench_engine, bench_full, prompt_ids
+
+    try:
+        sizes = [int(x) for x in lengths.split(",") if x.strip()]
+    except ValueError:
+        raise UserError(f"--lengths must be comma-separated integers, not {lengths!r}") from None
+    if not sizes or min(sizes) < 64:
+        raise UserError("--lengths needs lengths of at least 64 tokens")
+    loaded = _load(model, quantize, device, top_k, None)
+    engine = _engine(loaded, kv_offload)
+    engine.feed(prompt_ids(loaded.tokenizer, 256, seed))  # warm-up: first calls allocate and pick kernels
+    rows = []
+    for n in sizes:
+        ids = prompt_ids(loaded.tokenizer, n, seed)
+        with err.status(f"landmark engine at {n:,} tokens"):
+            rows.append(bench_engine(engine, ids, new_tokens))
+        if n <= max_full:
+            with err.status(f"full attention at {n:,} tokens"):
+                rows.append(bench_full(loaded.model, ids, new_tokens))
+    table = Table(title=f"lmqa bench: {loaded.name}, k={loaded.landmark.top_k}, b={loaded.landmark.block_size}, "
+                        f"{torch_threads()} threads, device {engine.device}")
+    for col in ("method", "tokens", "prefill tok/s", "decode ms/token", "peak MiB", "KV cache MiB"):
+        table.add_column(col, justify="right")
+    for r in rows:
+        table.add_row(r.method, f"{r.tokens:,}", f"{r.prefill_tok_s:,.0f}", f"{r.decode_ms:,.1f}",
+                      f"{r.peak_mib:,.0f}", f"{r.cache_mib:,.1f}")
+    console.print(table)
+    engine_rows = [r for r in rows if r.method == "landmark"]
+    first, last = engine_rows[0], engine_rows[-1]
+    console.print(f"engine decode at {last.tokens:,} tokens is {last.decode_ms / first.decode_ms:.2f}x that at {first.tokens:,}")
+
+
+def torch_threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
+
+
 # ----- train -----
 @app.command("train")
 @friendly

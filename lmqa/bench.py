@@ -1,0 +1,99 @@
+"""`lmqa bench`: the landmark engine against transformers' full attention.
+
+Both run the same loaded model on the same passkey-style prompts in one
+process, so their ratios are comparable even on a busy machine. Full attention
+is the stock LlamaForCausalLM forward with its KV cache (SDPA), which is what
+a user would otherwise run; its cost grows with the context, the engine's
+should not.
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+from dataclasses import dataclass
+
+import psutil
+import torch
+
+from .engine import LandmarkEngine
+from .passkey import make_case
+
+
+@dataclass
+class BenchRow:
+    method: str  # "landmark" or "full"
+    tokens: int
+    prefill_tok_s: float
+    decode_ms: float  # per generated token, averaged
+    peak_mib: float  # resident memory above the run's start, sampled
+    cache_mib: float  # what the key/value cache itself holds
+
+
+class PeakRSS:
+    """Samples the process's resident memory in a thread: torch's CPU
+    allocations are invisible to tracemalloc, and ru_maxrss never goes down,
+    so a per-measurement peak needs sampling."""
+
+    def __init__(self, interval: float = 0.02):
+        self.interval = interval
+        self.proc = psutil.Process()
+
+    def __enter__(self):
+        self.start = self.peak = self.proc.memory_info().rss
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def _run(self):
+        while not self._stop.wait(self.interval):
+            self.peak = max(self.peak, self.proc.memory_info().rss)
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self.proc.memory_info().rss)
+
+    @property
+    def mib(self) -> float:
+        return (self.peak - self.start) / 2**20
+
+
+def prompt_ids(tokenizer, length: int, seed: int) -> list[int]:
+    """Exactly `length` tokens of a passkey prompt (make_case only comes close)."""
+    return tokenizer(make_case(tokenizer, length + 64, random.Random(seed)).prompt).input_ids[:length]
+
+
+@torch.inference_mode()
+def bench_engine(engine: LandmarkEngine, ids: list[int], new_tokens: int) -> BenchRow:
+    engine.reset()
+    with PeakRSS() as mem:
+        start = time.perf_counter()
+        logits = engine.feed(ids)
+        prefill = time.perf_counter() - start
+        start = time.perf_counter()
+        for _ in range(new_tokens):
+            logits = engine.feed([int(logits.argmax())])
+        decode = time.perf_counter() - start
+    cache = sum(engine.memory().values())
+    engine.reset()
+    return BenchRow("landmark", len(ids), len(ids) / prefill, 1000 * decode / new_tokens, mem.mib, cache / 2**20)
+
+
+@torch.inference_mode()
+def bench_full(model, ids: list[int], new_tokens: int) -> BenchRow:
+    device = model.get_input_embeddings().weight.device
+    with PeakRSS() as mem:
+        start = time.perf_counter()
+        out = model(torch.tensor([ids], device=device), use_cache=True, logits_to_keep=1)
+        prefill = time.perf_counter() - start
+        cache, logits = out.past_key_values, out.logits[0, -1]
+        start = time.perf_counter()
+        for _ in range(new_tokens):
+            out = model(logits.argmax().view(1, 1), past_key_values=cache, use_cache=True)
+            cache, logits = out.past_key_values, out.logits[0, -1]
+        decode = time.perf_counter() - start
+    cache_bytes = sum(layer.keys.nbytes + layer.values.nbytes for layer in cache.layers)
+    return BenchRow("full", len(ids), len(ids) / prefill, 1000 * decode / new_tokens, mem.mib, cache_bytes / 2**20)
