@@ -5,7 +5,6 @@ from __future__ import annotations
 import functools
 import os
 import random
-import sys
 import time
 from pathlib import Path
 from typing import Annotated, Optional
@@ -161,80 +160,115 @@ def passkey(
 
 
 # ----- ask -----
-def _read_text(path: Path) -> str:
-    if str(path) == "-":
-        text = sys.stdin.read()
-    else:
-        if not path.exists():
-            raise UserError(f"{path}: no such file")
-        if path.is_dir():
-            raise UserError(f"{path} is a directory: give a text file")
-        raw = path.read_bytes()
-        text = raw.decode("utf-8", errors="replace")
-        if "\ufffd" in text and "\ufffd" not in raw.decode("utf-8", errors="ignore"):
-            err.print(f"[yellow]note:[/yellow] {path} is not valid UTF-8; undecodable bytes were replaced")
-    if not text.strip():
-        raise UserError(f"{path}: the document is empty")
-    return text
+def _output_path(path: Optional[Path], flag: str) -> None:
+    """Fail before the prefill, not after it, when an output cannot be written."""
+    if path is not None and not path.parent.is_dir():
+        raise UserError(f"{flag} {path}: directory {path.parent} does not exist")
 
 
-def build_prompt(loaded, document: str, question: str) -> tuple[list[int], int]:
-    """Token ids of the QA prompt and how many of them precede the document."""
-    from .prompts import template
+def _write_output(path: Path, write) -> None:
+    try:
+        write(path)
+    except OSError as e:
+        raise UserError(f"{path}: could not write ({e.strerror or e})") from None
 
-    tok = loaded.tokenizer
-    user = template("qa_document").replace("{document}", "\x00") + "\n\n" + template("qa_question").format(question=question)
-    if loaded.prompt_format == "chat" and getattr(tok, "chat_template", None):
-        text = tok.apply_chat_template([{"role": "user", "content": user}], tokenize=False, add_generation_prompt=True)
-    else:
-        text = user + "\nAnswer:"
-    head, tail = text.split("\x00")
-    head_ids = tok(head, add_special_tokens=False).input_ids
-    return head_ids + tok(document, add_special_tokens=False).input_ids + tok(tail, add_special_tokens=False).input_ids, len(head_ids)
+
+def _ingest(path: Path, include: list[str], exclude: list[str]):
+    """The document, with its warnings and skipped files reported on stderr."""
+    from .ingest import IngestError, ingest
+
+    try:
+        document = ingest(path, include, exclude)
+    except IngestError as e:
+        raise UserError(str(e)) from None
+    for warning in document.warnings:
+        err.print(f"[yellow]note:[/yellow] {escape(warning)}", soft_wrap=True, highlight=False)
+    if document.skipped.total:
+        err.print(f"[dim]skipped {document.skipped.total:,} path(s): "
+                  f"{escape('; '.join(document.skipped.lines()))}[/dim]", soft_wrap=True, highlight=False)
+    return document
 
 
 @app.command()
 @friendly
 def ask(
-    path: Annotated[Path, typer.Argument(help="A plain-text file, or - for standard input.")],
+    path: Annotated[Path, typer.Argument(help="A document (.txt .md .rst .epub .pdf), a directory read as a codebase, or - for standard input.")],
     question: Annotated[str, typer.Argument(help="The question to answer from the document.")],
+    include: Annotated[Optional[list[str]], typer.Option("--include", help="Codebases: read only files matching this .gitignore-style glob (repeatable).")] = None,
+    exclude: Annotated[Optional[list[str]], typer.Option("--exclude", help="Codebases: skip files and directories matching this .gitignore-style glob (repeatable).")] = None,
+    max_memory: Annotated[str, typer.Option("--max-memory", help="Refuse documents whose estimated key/value cache exceeds this (e.g. 4GiB, 512M); auto = 80% of the free memory where blocks live.")] = "auto",
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", min=1, help="Longest answer, in tokens.")] = 200,
     temperature: Annotated[float, typer.Option("--temperature", min=0.0, help="0 = greedy.")] = 0.0,
-    show_blocks: Annotated[int, typer.Option("--show-blocks", min=0, help="Blocks to list per layer.")] = 3,
+    show_blocks: Annotated[int, typer.Option("--show-blocks", min=0, help="Blocks to list per layer, with file:line and snippet (0: no table).")] = 3,
+    trace: Annotated[Optional[Path], typer.Option("--trace", help="Write the full retrieval trace (every step, layer and head: block ids, scores, sources) to this JSON file.")] = None,
+    plot: Annotated[Optional[Path], typer.Option("--plot", help="Write a layers x blocks retrieval heatmap, chapters or files marked, to this PNG file.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON result (answer, timings, retrieved spans) and nothing else on stdout.")] = False,
     model: ModelOpt = None, quantize: QuantOpt = "none", device: DeviceOpt = "auto",
     kv_offload: OffloadOpt = "cpu", top_k: TopKOpt = None, block_size: BlockOpt = None,
 ):
-    """Ingest a document as one landmark context and answer QUESTION, showing which blocks each layer retrieved."""
-    from .generation import SamplingConfig, StreamDecoder, generate
+    """Read a book or codebase into one landmark context and answer QUESTION, showing which blocks each layer retrieved."""
+    import json
+
+    from .generation import SamplingConfig, StreamDecoder
+    from .memory_budget import budget, format_size, parse_budget
+    from .qa import DocumentSession
     from .retrieval_summary import summarize
+    from .trace_export import result, trace as trace_of, write_json
 
     if not question.strip():
         raise UserError("the question is empty")
-    text = _read_text(path)
+    _output_path(trace, "--trace")
+    _output_path(plot, "--plot")
+    try:
+        limit = parse_budget(max_memory)
+    except ValueError as e:
+        raise UserError(f"--max-memory: {e}") from None
+    document = _ingest(path, include or [], exclude or [])
+    kind = "codebase" if path.is_dir() else "document"
     loaded = _load(model, quantize, device, top_k, block_size)
     engine = _engine(loaded, kv_offload)
-    tok = loaded.tokenizer
-    ids, doc_start = build_prompt(loaded, text, question)
-    err.print(f"[dim]{len(ids):,} tokens, {len(ids) // loaded.landmark.block_size:,} blocks[/dim]")
-    progress, advance = _prefill_bar(len(ids) + len(ids) // loaded.landmark.block_size, "reading")
-    decoder = StreamDecoder(tok)
-    times = {"start": time.perf_counter()}
+    session = DocumentSession(loaded, engine, document, kind)
+    with err.status("tokenizing"):
+        tokens = session.prepare()
+    need, allowed = session.cache_bytes(), budget(limit, engine.device, kv_offload)
+    parts = f"{len(document.segments):,} {'files' if kind == 'codebase' else 'parts'}, " if len(document.segments) > 1 else ""
+    err.print(f"[dim]{escape(document.source)}: {parts}{tokens:,} tokens, {len(session.sources):,} blocks of "
+              f"{session.block_size}; estimated key/value cache {format_size(need)} (budget {format_size(allowed)})[/dim]",
+              soft_wrap=True, highlight=False)
+    if need > allowed:
+        raise UserError(f"{document.source}: {tokens:,} tokens need an estimated {format_size(need)} of key/value cache, "
+                        f"over the budget of {format_size(allowed)}; raise it with --max-memory (e.g. --max-memory "
+                        f"{-(-need // (1 << 30)) + 1}GiB) or ask about a smaller part")
+    progress, advance = _prefill_bar(session.positions, "reading")
+    with progress:
+        stats = session.ingest(advance)
+    err.print(f"[dim]read {stats.tokens:,} tokens in {stats.seconds:.1f} s ({stats.tokens_per_s:,.0f} tok/s)[/dim]")
 
-    def on_token(t: int):
-        times.setdefault("first", time.perf_counter())
+    decoder = StreamDecoder(loaded.tokenizer)
+
+    def stream(t: int):
         console.print(decoder.push(t), end="", soft_wrap=True, highlight=False, markup=False)
 
-    with progress:
-        out = generate(engine, ids, SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature),
-                       {tok.eos_token_id, *([tok.convert_tokens_to_ids("<|im_end|>")] if "<|im_end|>" in tok.get_vocab() else [])},
-                       on_token=lambda t: (progress.stop(), on_token(t)), on_prefill=advance)
-    end = time.perf_counter()
-    console.print()
-    first = times.get("first", end)
-    err.print(f"[dim]prefill {first - times['start']:.1f} s ({len(ids) / max(first - times['start'], 1e-9):,.0f} tok/s), "
-              f"{len(out)} tokens in {end - first:.1f} s[/dim]")
-    if show_blocks:
-        console.print(summarize(engine, tok, ids, doc_start, show_blocks))
+    answer = session.ask(question, SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature),
+                         on_token=None if as_json else stream)
+    t = answer.timings
+    if not as_json:
+        console.print()
+    err.print(f"[dim]question prefill {t.prefill_s:.2f} s ({t.question_tokens} tokens), first token after "
+              f"{t.first_token_s:.2f} s, {t.answer_tokens} tokens in {t.generate_s:.1f} s ({t.tokens_per_s:.1f} tok/s)[/dim]",
+              soft_wrap=True)
+    if trace is not None:
+        _write_output(trace, lambda p: write_json(p, trace_of(session, answer)))
+        err.print(f"[dim]trace: {escape(str(trace))}[/dim]")
+    if plot is not None:
+        from .heatmap import plot as plot_heatmap
+
+        _write_output(plot, lambda p: plot_heatmap(session, answer, p))
+        err.print(f"[dim]heatmap: {escape(str(plot))}[/dim]")
+    if as_json:
+        print(json.dumps(result(session, answer, show_blocks), ensure_ascii=False))
+    elif show_blocks:
+        console.print(summarize(answer, show_blocks))
 
 
 # ----- models -----

@@ -15,7 +15,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Literal
 
-from .engine import LandmarkEngine, RetrievalStep
+from .engine import LandmarkEngine, Mark, RetrievalStep
 from .generation import SamplingConfig, generate
 from .ingest import BlockSource, Document, build_source_map, kv_cache_bytes, tokenize_document
 from .loading import LoadedModel
@@ -153,6 +153,30 @@ class DocumentSession:
         self._mark: tuple | None = None  # where the next question starts: the document or the last kept turn
         self._turns = 0
 
+    @classmethod
+    def restored(cls, loaded: LoadedModel, engine: LandmarkEngine, document: Document, kind: DocumentKind,
+                 ids: list[int], doc_token_start: int, sources: dict[int, BlockSource],
+                 stats: IngestStats | None) -> DocumentSession:
+        """A session over an engine that already holds this document's state
+        (a loaded context file, see context_file.py): no tokenizing, no prefill."""
+        session = cls(loaded, engine, document, kind)
+        session._ids, session.doc_token_start, session.sources, session.stats = list(ids), doc_token_start, sources, stats
+        session._document_mark = session._mark = engine.snapshot()
+        return session
+
+    @property
+    def token_ids(self) -> list[int]:
+        """Prompt head + document, as fed to the engine."""
+        self.prepare()
+        return self._ids
+
+    @property
+    def document_mark(self) -> Mark:
+        """The engine state right after the document (what a context file saves)."""
+        if self._document_mark is None:
+            raise RuntimeError("DocumentSession.document_mark before ingest()")
+        return self._document_mark
+
     # ----- reading the document -----
     def prepare(self) -> int:
         """Tokenize the prompt head and the document and build the source map
@@ -178,9 +202,9 @@ class DocumentSession:
         return n + n // self.block_size
 
     def cache_bytes(self) -> int:
-        """Keys and values the document state will hold, in the engine's dtype."""
+        """Keys and values the document state will hold, in the engine's storage dtype."""
         e = self.engine
-        return kv_cache_bytes(self.positions, len(e.stores), e.n_kv, e.head_dim, e.dtype.itemsize)
+        return kv_cache_bytes(self.positions, len(e.stores), e.n_kv, e.head_dim, e.kv_dtype.itemsize)
 
     def ingest(self, progress: Callable[[int], None] | None = None) -> IngestStats:
         """Feed prompt head + document once and mark that state.
@@ -216,7 +240,11 @@ class DocumentSession:
                 on_token(t)
 
         start = time.perf_counter()
-        out = generate(self.engine, ids, sampling, self.stop_ids(), on_token=token, on_prefill=prefilled)
+        try:
+            out = generate(self.engine, ids, sampling, self.stop_ids(), on_token=token, on_prefill=prefilled)
+        except BaseException:  # Ctrl-C in a chat stops the answer: the session stays as it was
+            self.engine.rollback(self._mark)
+            raise
         end = time.perf_counter()
         steps = list(self.engine.trace.steps[first_step:])
         if keep:

@@ -1,37 +1,32 @@
-"""Per-layer summary of what the engine retrieved, for people to read."""
+"""Per-layer summary of what an answer retrieved, for people to read: each
+block as the file:line span and snippet it came from, not a token range."""
 
 from __future__ import annotations
 
-from collections import defaultdict
-
+from rich.markup import escape
 from rich.table import Table
 
-from .engine import LandmarkEngine
+from .qa import Answer, RetrievedBlock
+
+TITLE = "retrieved blocks per layer (count over heads and steps, best score)"
+SNIPPET_WIDTH = 40  # the snippet folds onto a second line rather than squeezing the numbers out
 
 
-def block_counts(engine: LandmarkEngine) -> dict[int, dict[int, tuple[int, float]]]:
-    """layer -> block id -> (times retrieved over heads and steps, best score)."""
-    per_layer: dict[int, dict[int, tuple[int, float]]] = defaultdict(dict)
-    for step in engine.trace.steps:
-        for layer, (ids, scores) in enumerate(zip(step.block_ids, step.scores)):
-            for block, score in zip(ids.flatten().tolist(), scores.flatten().tolist()):
-                count, best = per_layer[layer].get(block, (0, 0.0))
-                per_layer[layer][block] = (count + 1, max(best, score))
-    return per_layer
+def where(block: RetrievedBlock) -> str:
+    """file:line span of a document block; prompt or question text otherwise."""
+    return str(block.source) if block.source is not None else "(prompt / question)"
 
 
-def summarize(engine: LandmarkEngine, tokenizer, ids: list[int], doc_start: int, top: int) -> Table:
-    """A table: per layer, its `top` most retrieved blocks with token span and snippet."""
-    b = engine.config.block_size
-    table = Table(title="retrieved blocks per layer (count over heads and steps, best score)", show_lines=False)
-    for col in ("layer", "block", "tokens", "count", "score", "text"):
-        table.add_column(col, justify="right" if col in ("layer", "block", "count", "score") else "left")
-    for layer, blocks in sorted(block_counts(engine).items()):
-        ranked = sorted(blocks.items(), key=lambda kv: (-kv[1][0], -kv[1][1]))[:top]
-        for i, (block, (count, score)) in enumerate(ranked):
-            lo, hi = block * b, (block + 1) * b
-            snippet = tokenizer.decode(ids[lo:hi]).replace("\n", " ").strip()
-            where = f"doc {lo - doc_start}-{hi - doc_start}" if lo >= doc_start else f"prompt {lo}-{hi}"
-            table.add_row(str(layer) if i == 0 else "", str(block), where, str(count), f"{score:.2f}",
-                          snippet[:60] + ("…" if len(snippet) > 60 else ""))
+def summarize(answer: Answer, top: int) -> Table:
+    """A table: per layer, its `top` most retrieved blocks."""
+    table = Table(title=TITLE)
+    for col, justify in (("layer", "right"), ("block", "right"), ("source", "left"), ("count", "right"),
+                         ("score", "right"), ("text", "left")):
+        table.add_column(col, justify=justify, overflow="fold", no_wrap=col not in ("source", "text"),
+                         max_width=SNIPPET_WIDTH if col == "text" else None)
+    for layer, blocks in enumerate(answer.per_layer()):
+        for i, block in enumerate(blocks[:top]):
+            snippet = block.source.snippet if block.source is not None else ""
+            table.add_row(str(layer) if i == 0 else "", str(block.block), escape(where(block)), str(block.count),
+                          f"{block.best_score:.2f}", escape(snippet), end_section=i == min(top, len(blocks)) - 1)
     return table

@@ -147,7 +147,7 @@ def test_long_error_is_one_line(runner, tiny_model_dir, tmp_path):
     res = run(runner, "ask", deep, "q", "--model", tiny_model_dir)
     assert res.exit_code == 1
     lines = [line for line in res.output.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error:") and lines[0].endswith("no such file"), res.output
+    assert len(lines) == 1 and lines[0].startswith("error:") and lines[0].endswith("no such file or directory"), res.output
 
 
 def test_ask_empty_file(runner, tiny_model_dir, tmp_path):
@@ -156,8 +156,11 @@ def test_ask_empty_file(runner, tiny_model_dir, tmp_path):
     assert_clean_error(run(runner, "ask", p, "q", "--model", tiny_model_dir), "empty")
 
 
-def test_ask_directory(runner, tiny_model_dir, tmp_path):
-    assert_clean_error(run(runner, "ask", tmp_path, "q", "--model", tiny_model_dir), "is a directory")
+def test_ask_directory_with_nothing_readable(runner, tiny_model_dir, tmp_path):
+    """A directory is read as a codebase; one with no text file in it is refused."""
+    (tmp_path / "image.png").write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00")
+    res = run(runner, "ask", tmp_path, "q", "--model", tiny_model_dir)
+    assert_clean_error(res, str(tmp_path), "no readable text file", "binary")
 
 
 def test_ask_empty_question(runner, tiny_model_dir, doc_file):
