@@ -87,12 +87,12 @@ def _load(model, quantize, device, top_k, block_size):
     return loaded
 
 
-def _engine(loaded, offload):
+def _engine(loaded, offload, kv_dtype=None):
     from .engine import LandmarkEngine
 
     if offload not in ("cpu", "device"):
         raise UserError(f"--kv-offload must be cpu or device, not {offload!r}")
-    return LandmarkEngine(loaded.model, loaded.landmark, offload=offload)
+    return LandmarkEngine(loaded.model, loaded.landmark, offload=offload, kv_dtype=kv_dtype)
 
 
 def _prefill_bar(total: int, label: str):
@@ -189,36 +189,54 @@ def _ingest(path: Path, include: list[str], exclude: list[str]):
     return document
 
 
-@app.command()
-@friendly
-def ask(
-    path: Annotated[Path, typer.Argument(help="A document (.txt .md .rst .epub .pdf), a directory read as a codebase, or - for standard input.")],
-    question: Annotated[str, typer.Argument(help="The question to answer from the document.")],
-    include: Annotated[Optional[list[str]], typer.Option("--include", help="Codebases: read only files matching this .gitignore-style glob (repeatable).")] = None,
-    exclude: Annotated[Optional[list[str]], typer.Option("--exclude", help="Codebases: skip files and directories matching this .gitignore-style glob (repeatable).")] = None,
-    max_memory: Annotated[str, typer.Option("--max-memory", help="Refuse documents whose estimated key/value cache exceeds this (e.g. 4GiB, 512M); auto = 80% of the free memory where blocks live.")] = "auto",
-    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", min=1, help="Longest answer, in tokens.")] = 200,
-    temperature: Annotated[float, typer.Option("--temperature", min=0.0, help="0 = greedy.")] = 0.0,
-    show_blocks: Annotated[int, typer.Option("--show-blocks", min=0, help="Blocks to list per layer, with file:line and snippet (0: no table).")] = 3,
-    trace: Annotated[Optional[Path], typer.Option("--trace", help="Write the full retrieval trace (every step, layer and head: block ids, scores, sources) to this JSON file.")] = None,
-    plot: Annotated[Optional[Path], typer.Option("--plot", help="Write a layers x blocks retrieval heatmap, chapters or files marked, to this PNG file.")] = None,
-    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON result (answer, timings, retrieved spans) and nothing else on stdout.")] = False,
-    model: ModelOpt = None, quantize: QuantOpt = "none", device: DeviceOpt = "auto",
-    kv_offload: OffloadOpt = "cpu", top_k: TopKOpt = None, block_size: BlockOpt = None,
-):
-    """Read a book or codebase into one landmark context and answer QUESTION, showing which blocks each layer retrieved."""
-    import json
+KvDtypeOpt = Annotated[Optional[str], typer.Option("--kv-dtype", help="How block keys/values are kept on the host: fp32, fp16, bf16 or int8 (default: the model's dtype; a context file keeps its own).")]
 
-    from .generation import SamplingConfig, StreamDecoder
+
+def _kv_dtype(name: Optional[str]):
+    from .block_store import parse_kv_dtype
+
+    try:
+        return None if name is None else parse_kv_dtype(name)
+    except ValueError as e:
+        raise UserError(f"--kv-dtype: {e}") from None
+
+
+def _open_context(path: Path, model, quantize, device, kv_offload, top_k, block_size, kv_dtype: Optional[str]):
+    """A DocumentSession from a context file, with the model it was made with
+    unless --model names another (which it must then match)."""
+    from .context_file import ContextError, load, peek
+
+    try:
+        info = peek(path)
+        if _kv_dtype(kv_dtype) is not None and kv_dtype != info.kv_dtype:
+            raise UserError(f"{path} keeps its keys/values in {info.kv_dtype}; --kv-dtype {kv_dtype} applies "
+                            f"when ingesting: run `lmqa ingest` again with it")
+        loaded = _load(model or info.model.name, quantize, device, top_k, block_size or info.settings.get("block_size"))
+        if kv_offload not in ("cpu", "device"):
+            raise UserError(f"--kv-offload must be cpu or device, not {kv_offload!r}")
+        with err.status("opening the context"):
+            session = load(path, loaded, kv_offload)
+    except ContextError as e:
+        raise UserError(str(e)) from None
+    err.print(f"[dim]{escape(str(path))}: {escape(session.document.source)}, {info.n_tokens:,} tokens, {info.n_blocks:,} "
+              f"blocks, keys/values in {info.kv_dtype}, made with {escape(info.model.name)} (lmqa {info.lmqa_version})[/dim]",
+              soft_wrap=True, highlight=False)
+    return session
+
+
+IncludeOpt = Annotated[Optional[list[str]], typer.Option("--include", help="Codebases: read only files matching this .gitignore-style glob (repeatable).")]
+ExcludeOpt = Annotated[Optional[list[str]], typer.Option("--exclude", help="Codebases: skip files and directories matching this .gitignore-style glob (repeatable).")]
+MaxMemoryOpt = Annotated[str, typer.Option("--max-memory", help="Refuse documents whose estimated key/value cache exceeds this (e.g. 4GiB, 512M); auto = 80% of the free memory where blocks live.")]
+
+
+def _read_session(path: Path, include, exclude, max_memory: str, model, quantize, device, kv_offload, top_k,
+                  block_size, kv_dtype=None):
+    """Read a document into a new DocumentSession: size it first (tokens and
+    estimated key/value cache against the memory budget), then prefill with
+    a progress bar."""
     from .memory_budget import budget, format_size, parse_budget
     from .qa import DocumentSession
-    from .retrieval_summary import summarize
-    from .trace_export import result, trace as trace_of, write_json
 
-    if not question.strip():
-        raise UserError("the question is empty")
-    _output_path(trace, "--trace")
-    _output_path(plot, "--plot")
     try:
         limit = parse_budget(max_memory)
     except ValueError as e:
@@ -226,7 +244,7 @@ def ask(
     document = _ingest(path, include or [], exclude or [])
     kind = "codebase" if path.is_dir() else "document"
     loaded = _load(model, quantize, device, top_k, block_size)
-    engine = _engine(loaded, kv_offload)
+    engine = _engine(loaded, kv_offload, kv_dtype)
     session = DocumentSession(loaded, engine, document, kind)
     with err.status("tokenizing"):
         tokens = session.prepare()
@@ -243,8 +261,44 @@ def ask(
     with progress:
         stats = session.ingest(advance)
     err.print(f"[dim]read {stats.tokens:,} tokens in {stats.seconds:.1f} s ({stats.tokens_per_s:,.0f} tok/s)[/dim]")
+    return session
 
-    decoder = StreamDecoder(loaded.tokenizer)
+
+@app.command()
+@friendly
+def ask(
+    path: Annotated[Path, typer.Argument(help="A document (.txt .md .rst .epub .pdf), a directory read as a codebase, - for standard input, or a context file from `lmqa ingest` (.lmqa).")],
+    question: Annotated[str, typer.Argument(help="The question to answer from the document.")],
+    include: IncludeOpt = None, exclude: ExcludeOpt = None, max_memory: MaxMemoryOpt = "auto",
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", min=1, help="Longest answer, in tokens.")] = 200,
+    temperature: Annotated[float, typer.Option("--temperature", min=0.0, help="0 = greedy.")] = 0.0,
+    show_blocks: Annotated[int, typer.Option("--show-blocks", min=0, help="Blocks to list per layer, with file:line and snippet (0: no table).")] = 3,
+    trace: Annotated[Optional[Path], typer.Option("--trace", help="Write the full retrieval trace (every step, layer and head: block ids, scores, sources) to this JSON file.")] = None,
+    plot: Annotated[Optional[Path], typer.Option("--plot", help="Write a layers x blocks retrieval heatmap, chapters or files marked, to this PNG file.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON result (answer, timings, retrieved spans) and nothing else on stdout.")] = False,
+    kv_dtype: KvDtypeOpt = None,
+    model: ModelOpt = None, quantize: QuantOpt = "none", device: DeviceOpt = "auto",
+    kv_offload: OffloadOpt = "cpu", top_k: TopKOpt = None, block_size: BlockOpt = None,
+):
+    """Read a book or codebase into one landmark context and answer QUESTION, showing which blocks each layer retrieved."""
+    import json
+
+    from .context_file import is_context_file
+    from .generation import SamplingConfig, StreamDecoder
+    from .retrieval_summary import summarize
+    from .trace_export import result, trace as trace_of, write_json
+
+    if not question.strip():
+        raise UserError("the question is empty")
+    _output_path(trace, "--trace")
+    _output_path(plot, "--plot")
+    if is_context_file(path):
+        session = _open_context(path, model, quantize, device, kv_offload, top_k, block_size, kv_dtype)
+    else:
+        session = _read_session(path, include, exclude, max_memory, model, quantize, device, kv_offload, top_k,
+                                block_size, _kv_dtype(kv_dtype))
+
+    decoder = StreamDecoder(session.loaded.tokenizer)
 
     def stream(t: int):
         console.print(decoder.push(t), end="", soft_wrap=True, highlight=False, markup=False)
@@ -414,3 +468,59 @@ def train_command(
     plot_losses(losses, output / "loss.png", f"landmark fine-tuning of {loaded.name}")
     (output / "losses.json").write_text(__import__("json").dumps(losses))
     console.print(f"trained {len(losses)} steps, last loss {losses[-1]:.3f}; adapter: {', '.join(str(f) for f in files)}")
+
+
+
+# ----- persisted contexts and chat -----
+@app.command("ingest")
+@friendly
+def ingest_command(
+    path: Annotated[Path, typer.Argument(help="A document (.txt .md .rst .epub .pdf), a directory read as a codebase, or - for standard input.")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="The context file to write (.lmqa is added if missing).")],
+    include: IncludeOpt = None, exclude: ExcludeOpt = None, max_memory: MaxMemoryOpt = "auto",
+    kv_dtype: KvDtypeOpt = None,
+    model: ModelOpt = None, quantize: QuantOpt = "none", device: DeviceOpt = "auto",
+    kv_offload: OffloadOpt = "cpu", block_size: BlockOpt = None,
+):
+    """Read a book or codebase once and save its landmark context, so `lmqa ask FILE.lmqa` and `lmqa chat FILE.lmqa` answer in seconds."""
+    from .context_file import SUFFIX, save
+    from .memory_budget import format_size
+
+    output = output if output.suffix == SUFFIX else output.with_name(output.name + SUFFIX)
+    _output_path(output, "--output")
+    session = _read_session(path, include, exclude, max_memory, model, quantize, device, kv_offload, None,
+                            block_size, _kv_dtype(kv_dtype))
+    with err.status(f"writing {output}"):
+        _write_output(output, lambda p: save(session, p))
+    console.print(f"wrote {output} ({format_size(output.stat().st_size)}): {session.engine.n_tokens:,} tokens, "
+                  f"{session.engine.n_blocks:,} blocks; ask with `lmqa ask {output} \"...\"` or `lmqa chat {output}`",
+                  soft_wrap=True, highlight=False, markup=False)
+
+
+@app.command()
+@friendly
+def chat(
+    path: Annotated[Path, typer.Argument(help="A context file from `lmqa ingest` (.lmqa), a document, a directory read as a codebase, or - for standard input.")],
+    include: IncludeOpt = None, exclude: ExcludeOpt = None, max_memory: MaxMemoryOpt = "auto",
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", min=1, help="Longest answer, in tokens.")] = 200,
+    temperature: Annotated[float, typer.Option("--temperature", min=0.0, help="0 = greedy.")] = 0.0,
+    show_blocks: Annotated[int, typer.Option("--show-blocks", min=1, help="Blocks per layer that /blocks lists.")] = 3,
+    keep: Annotated[bool, typer.Option("--keep", help="Keep the conversation from the start (/keep on).")] = False,
+    kv_dtype: KvDtypeOpt = None,
+    model: ModelOpt = None, quantize: QuantOpt = "none", device: DeviceOpt = "auto",
+    kv_offload: OffloadOpt = "cpu", top_k: TopKOpt = None, block_size: BlockOpt = None,
+):
+    """Ask question after question about one document or context file (a REPL; /help lists its commands)."""
+    from .chat import Chat, ChatConfig, line_reader
+    from .context_file import is_context_file
+    from .generation import SamplingConfig
+    from .loading import CACHE_DIR
+
+    if is_context_file(path):
+        session = _open_context(path, model, quantize, device, kv_offload, top_k, block_size, kv_dtype)
+    else:
+        session = _read_session(path, include, exclude, max_memory, model, quantize, device, kv_offload, top_k,
+                                block_size, _kv_dtype(kv_dtype))
+    config = ChatConfig(SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature), show_blocks, keep,
+                        CACHE_DIR / "chat-history")
+    Chat(session, config, console, err).run(line_reader(config.history))
