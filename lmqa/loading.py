@@ -140,6 +140,21 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """auto: bfloat16 wherever the hardware runs it natively (CUDA, and CPUs
+    with AVX512-BF16 or AMX, where it is 2-3x faster than float32 and halves
+    the cache); float32 elsewhere."""
+    if dtype == "auto":
+        native = device.type == "cuda" or torch.ops.mkldnn._is_mkldnn_bf16_supported()
+        return torch.bfloat16 if native else torch.float32
+    if dtype not in DTYPES:
+        raise ModelError(f"unknown dtype {dtype!r}: use auto, {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
 def _quantization(quantize: str, dtype: torch.dtype):
     from transformers import BitsAndBytesConfig
 
@@ -217,11 +232,11 @@ def resolve(spec: str | None, log=print) -> tuple[Path, Manifest | None, str | N
 
 
 def load_model(spec: str | None = None, quantize: str = "none", device: str = "auto",
-               top_k: int | None = None, block_size: int | None = None, log=print) -> LoadedModel:
+               top_k: int | None = None, block_size: int | None = None, log=print, dtype: str = "auto") -> LoadedModel:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     dev = resolve_device(device)
-    dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
+    dtype = resolve_dtype(dtype, dev)
     where, manifest, gguf_file, adapter = resolve(spec, log)
     extra = {"gguf_file": gguf_file} if gguf_file else {}
     try:

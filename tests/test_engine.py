@@ -467,7 +467,7 @@ def test_default_model_full_retrieval_matches_training_form():
     with top_k >= stored blocks, chunked prefill and decoding equal the landmark HF forward."""
     from lmqa.loading import load_model
 
-    loaded = load_model(device="cpu", log=lambda m: None)
+    loaded = load_model(device="cpu", log=lambda m: None, dtype="float32")
     model, tok, cfg = loaded.model, loaded.tokenizer, loaded.landmark
     b, L = cfg.block_size, cfg.landmark_id
     text = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. " * 20
