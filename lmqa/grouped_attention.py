@@ -104,7 +104,8 @@ def blockwise_grouped_attention(q, k, v, q_block, q_offset, key_valid=None, tile
         n_keys = int(q_block[end - 1]) + 1
         args = (q[:, :, start:end], k[:, :, :n_keys], v[:, :, :n_keys], q_block[start:end], q_offset[start:end],
                 None if key_valid is None else key_valid[:n_keys])
-        outs.append(checkpoint(grouped_attention, *args, use_reentrant=False) if differentiable else grouped_attention(*args))
+        outs.append(checkpoint(grouped_attention, *args, use_reentrant=False) if differentiable
+                    else grouped_attention_inference(*args))
         start = end
     assert start == Q
     return torch.cat(outs, dim=2)
@@ -155,3 +156,42 @@ def reference_grouped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
                 for j in members:
                     out[h, i] += math.exp(s[m]) / z * math.exp(s[j]) / zin * v[h, j].double()
     return out
+
+
+@torch.no_grad()
+def grouped_attention_inference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_block: torch.Tensor,
+                                q_offset: torch.Tensor, key_valid: torch.Tensor | None = None) -> torch.Tensor:
+    """grouped_attention without autograd, for the engine: same arguments, same result.
+
+    On a CPU the score tensor's elementwise passes, not the matmuls, bound
+    prefill speed, and a fresh multi-megabyte temporary per pass costs more in
+    page faults than the arithmetic. So there is one score buffer, updated in
+    place, and the masks are built once at [Q, N, S] size rather than at the
+    score tensor's size.
+    """
+    B, H, Q, d = q.shape
+    Hkv, N, S = k.shape[1], k.shape[2], k.shape[3]
+    b = S - 1
+    group = H // Hkv
+    qg = q.reshape(B, Hkv, group * Q, d).float() * (1.0 / math.sqrt(d))
+    scores = (qg @ k.reshape(B, Hkv, N * S, d).float().transpose(-1, -2)).view(B, Hkv, group, Q, N, S)
+
+    blk = torch.arange(N, device=q.device).view(1, N)
+    qb = q_block.view(Q, 1)
+    same, earlier, later = blk == qb, blk < qb, blk > qb
+    hidden = torch.arange(S, device=q.device).view(1, 1, S) > q_offset.view(Q, 1, 1)  # [Q, 1, S]
+    hidden = (hidden & same[:, :, None]) | later[:, :, None]
+    hidden[:, :, b] = True  # landmark slots carry no value
+    if key_valid is not None:
+        hidden |= ~key_valid
+    landmark = scores[..., b].clone()  # outer logits of earlier blocks, before masking
+    scores.masked_fill_(hidden, NEG)
+    block_max = scores.amax(dim=-1, keepdim=True)
+    scores.sub_(block_max).exp_()
+    block_sum = scores.sum(dim=-1)  # [.., Q, N]
+    inner_lse = block_max[..., 0] + torch.log(block_sum)
+    outer = torch.where(earlier, landmark, torch.where(same, inner_lse, torch.full_like(inner_lse, NEG)))
+    share = torch.softmax(outer, dim=-1).div_(block_sum)
+    scores.mul_(share[..., None])
+    out = scores.view(B, Hkv, group * Q, N * S) @ v.reshape(B, Hkv, N * S, d).float()
+    return out.reshape(B, H, Q, d).to(q.dtype)

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from lmqa.grouped_attention import (
     blockwise_grouped_attention,
     grouped_attention,
+    grouped_attention_inference,
     reference_grouped_attention,
     sequence_grouped_attention,
 )
@@ -141,10 +142,12 @@ def _inference_layout(b, r, T_window, p, H, Hkv, d, seed):
 
 @pytest.mark.parametrize("b,r,T_window,p,H,Hkv", [(3, 2, 9, 0, 4, 2), (4, 3, 7, 2, 2, 2), (5, 1, 1, 3, 4, 1),
                                                   (2, 4, 1, 1, 2, 1), (4, 0, 10, 0, 2, 2), (3, 3, 4, 3, 4, 2)])
-def test_inference_form_matches_reference(b, r, T_window, p, H, Hkv):
-    """Retrieved blocks + window (queries only in the window), the engine's layout."""
+@pytest.mark.parametrize("form", [grouped_attention, grouped_attention_inference])
+def test_inference_form_matches_reference(b, r, T_window, p, H, Hkv, form):
+    """Retrieved blocks + window (queries only in the window), the engine's layout;
+    both the differentiable form and the engine's in-place one."""
     q, kb, vb, q_block, q_offset, valid, (qf, kf, vf, is_lm, rows) = _inference_layout(b, r, T_window, p, H, Hkv, 8, seed=r + p)
-    got = grouped_attention(q, kb, vb, q_block, q_offset, valid)[0]
+    got = form(q, kb, vb, q_block, q_offset, valid)[0]
     want = reference(qf, kf, vf, is_lm)[:, rows]
     assert (got - want).abs().max().item() <= TOL
 
@@ -153,7 +156,7 @@ def test_inference_form_matches_reference(b, r, T_window, p, H, Hkv):
 def test_blockwise_equals_one_pass(tile):
     q, kb, vb, q_block, q_offset, valid, _ = _inference_layout(3, 2, 17, 1, 4, 2, 8, seed=5)
     one = grouped_attention(q, kb, vb, q_block, q_offset, valid)
-    tiled = blockwise_grouped_attention(q, kb, vb, q_block, q_offset, valid, tile=tile)
+    tiled = blockwise_grouped_attention(q, kb, vb, q_block, q_offset, valid, tile=tile)  # no grad: the in-place form
     assert (one - tiled).abs().max().item() <= 1e-6
 
 
