@@ -184,6 +184,7 @@ class LandmarkEngine:
         n_win_blocks = -(-W // S)
         win_valid = (torch.arange(n_win_blocks * S, device=self.device) < W).view(n_win_blocks, S)
         q_idx = torch.arange(p, W, device=self.device)
+        landmark_rope = self._landmark_rope(h)
 
         step_ids, step_scores = [], []
         for li, layer in enumerate(self.llama.layers):
@@ -199,7 +200,7 @@ class LandmarkEngine:
             store = self.stores[li]
             r = min(k, len(store))
             if r:
-                ids_r, scores_r = self._select(store, q, r)
+                ids_r, scores_r = self._select(store, q, r, *landmark_rope)
                 rk, rv, rlm = store.gather(ids_r)  # [Hkv, r, b, d], [Hkv, r, d]
                 blocks_k = torch.cat([rk, rlm[:, :, None]], dim=2)
                 blocks_v = F.pad(rv, (0, 0, 0, 1))
@@ -237,18 +238,22 @@ class LandmarkEngine:
         logits[self.config.landmark_id] = float("-inf")
         return logits
 
-    def _select(self, store: LayerBlockStore, q: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Top-r blocks per key/value head, scored on landmark keys at their slots:
-        softmax over blocks, max over the step's queries and the head's group."""
+    def _landmark_rope(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos/sin [n, d] for scoring the n stored landmarks (section 3.2.1): the
+        k most recent at their own slots, older ones sharing the oldest. Every
+        layer stores the same number of blocks, so one computation serves all."""
         cfg = self.config
         S, k = cfg.slot, cfg.top_k
-        lm = store.landmark_keys.view()  # [n, Hkv, d]
-        n = lm.shape[0]
-        recency = torch.arange(n - 1, -1, -1, device=self.device)
+        recency = torch.arange(self.n_blocks - 1, -1, -1, device=self.device)
         slot = torch.where(recency < k, k - recency, torch.zeros_like(recency))
-        pos = slot * S + cfg.block_size
-        cos, sin = self.llama.rotary_emb(lm, pos[None])
-        lm_rot = rotate(lm.transpose(0, 1), cos.to(self.dtype), sin.to(self.dtype))  # [Hkv, n, d]
+        cos, sin = self.llama.rotary_emb(h, (slot * S + cfg.block_size)[None])
+        return cos[0].to(self.dtype), sin[0].to(self.dtype)
+
+    def _select(self, store: LayerBlockStore, q: torch.Tensor, r: int, cos: torch.Tensor,
+                sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Top-r blocks per key/value head, scored on landmark keys at their slots:
+        softmax over blocks, max over the step's queries and the head's group."""
+        lm_rot = rotate(store.landmark_keys.view().transpose(0, 1), cos, sin)  # [Hkv, n, d]
         group = self.n_heads // self.n_kv
         qg = q[0].reshape(self.n_kv, group * q.shape[2], self.head_dim)
         scores = torch.softmax((qg @ lm_rot.transpose(1, 2)).float() / self.head_dim**0.5, dim=-1)

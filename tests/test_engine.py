@@ -162,8 +162,8 @@ def test_retrieved_block_ids_valid(model):
     seen = []
     real = engine._select
 
-    def spy(store, q, r):
-        ids, scores = real(store, q, r)
+    def spy(store, q, r, *rope):
+        ids, scores = real(store, q, r, *rope)
         seen.append((len(store), r, ids.clone(), scores.clone()))
         return ids, scores
 
