@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import functools
+import logging
 import os
 import random
 import time
+import warnings
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -79,6 +81,11 @@ def _load(model, quantize, device, top_k, block_size):
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
+    # Library chatter that says nothing actionable to a user: transformers'
+    # deprecation notices and bitsandbytes' note that it cannot fetch an
+    # optional CPU kernel from a hub (lmqa runs offline by design).
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     with err.status("loading model"):
         loaded = load_model(model, quantize=quantize, device=device, top_k=top_k, block_size=block_size,
                             log=lambda m: err.print(f"[dim]{m}[/dim]"))
