@@ -130,18 +130,22 @@ def passkey(
     depth: Annotated[Optional[float], typer.Option("--depth", "-d", min=0.0, max=1.0, help="Key position as a fraction of the prompt (default: random).")] = None,
     model: ModelOpt = None, quantize: QuantOpt = "none", device: DeviceOpt = "auto",
     kv_offload: OffloadOpt = "cpu", top_k: TopKOpt = None, block_size: BlockOpt = None,
+    attention: Annotated[str, typer.Option("--attention", help="landmark (the engine) or full (transformers' own attention over the whole prompt: the baseline).")] = "landmark",
 ):
     """The paper's passkey retrieval test: find a number hidden in LENGTH tokens of filler."""
-    from .generation import SamplingConfig, StreamDecoder, generate
+    from .generation import SamplingConfig, generate, generate_full_attention
     from .passkey import first_integer, make_case
 
     if length < 64:
         raise UserError(f"--length {length} is too small: use at least 64 tokens")
+    if attention not in ("landmark", "full"):
+        raise UserError(f"--attention must be landmark or full, not {attention!r}")
     loaded = _load(model, quantize, device, top_k, block_size)
     engine = _engine(loaded, kv_offload)
     tok = loaded.tokenizer
     rng = random.Random(seed)
-    table = Table(title=f"passkey retrieval, {loaded.name}, k={loaded.landmark.top_k}, b={loaded.landmark.block_size}")
+    how = f"k={loaded.landmark.top_k}, b={loaded.landmark.block_size}" if attention == "landmark" else "full attention"
+    table = Table(title=f"passkey retrieval, {loaded.name}, {how}")
     for col in ("trial", "tokens", "depth", "key", "answer", "ok", "prefill tok/s"):
         table.add_column(col, justify="right")
     correct = 0
@@ -149,12 +153,14 @@ def passkey(
         case = make_case(tok, length, rng, depth)
         ids = tok(case.prompt).input_ids
         engine.reset()
-        decoder = StreamDecoder(tok)
-        progress, advance = _prefill_bar(len(ids) + len(ids) // loaded.landmark.block_size, f"trial {trial + 1}/{trials}")
         start = time.perf_counter()
-        with progress:
-            out = generate(engine, ids, SamplingConfig(max_new_tokens=8), {tok.eos_token_id},
-                           on_token=decoder.push, on_prefill=advance)
+        if attention == "full":
+            with err.status(f"trial {trial + 1}/{trials}: full attention over {len(ids):,} tokens"):
+                out = generate_full_attention(loaded.model, ids, 8, {tok.eos_token_id})
+        else:
+            progress, advance = _prefill_bar(len(ids) + len(ids) // loaded.landmark.block_size, f"trial {trial + 1}/{trials}")
+            with progress:
+                out = generate(engine, ids, SamplingConfig(max_new_tokens=8), {tok.eos_token_id}, on_prefill=advance)
         elapsed = time.perf_counter() - start
         answer = first_integer(tok.decode(out, skip_special_tokens=True))
         ok = answer == case.key

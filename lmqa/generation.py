@@ -63,3 +63,14 @@ class StreamDecoder:
             return ""
         new, self.emitted = text[len(self.emitted):], text
         return new
+
+
+@torch.inference_mode()
+def generate_full_attention(model, prompt_ids: list[int], max_new_tokens: int, stop_ids: set[int]) -> list[int]:
+    """Greedy decoding with transformers' own full attention and KV cache: the
+    baseline a landmark model is measured against (no landmarks, no retrieval)."""
+    device = model.get_input_embeddings().weight.device
+    out = model.generate(torch.tensor([prompt_ids], device=device), max_new_tokens=max_new_tokens, do_sample=False,
+                         eos_token_id=sorted(stop_ids), pad_token_id=sorted(stop_ids)[0])
+    new = out[0, len(prompt_ids):].tolist()
+    return new[: next((i for i, t in enumerate(new) if t in stop_ids), len(new))]

@@ -1,4 +1,4 @@
-"""`lmqa bench` and `lmqa models`: table shape, the --max-full cut, cache sizes."""
+"""`lmqa bench`, `lmqa models` and the full-attention passkey baseline."""
 
 from __future__ import annotations
 
@@ -62,3 +62,11 @@ def test_models_list_marks_the_default():
 def test_models_pull_unknown_is_a_clean_error():
     res = invoke("models", "pull", "no-such-model")
     assert res.exit_code == 1 and "unknown model 'no-such-model'" in res.output and "Traceback" not in res.output
+
+
+def test_passkey_full_attention_baseline(tiny_model_dir):
+    res = invoke("passkey", "-m", tiny_model_dir, "--length", 200, "--trials", 2, "--attention", "full", "--device", "cpu")
+    assert res.exit_code == 0, res.output
+    assert "full attention" in res.output and re.search(r"accuracy: \d+/2 = \d+% at 200 tokens", res.output)
+    res = invoke("passkey", "-m", tiny_model_dir, "--length", 200, "--attention", "sparse")
+    assert res.exit_code == 1 and "--attention must be landmark or full" in res.output
