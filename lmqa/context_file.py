@@ -117,16 +117,19 @@ class ModelIdentity:
                    manifest.base.member_sha256 if manifest else None, dict(manifest.adapter) if manifest and manifest.adapter else None)
 
     def mismatch(self, other: ModelIdentity) -> str | None:
-        """What differs between the model a context was made with (self) and `other`, or None."""
-        if self.base_sha256 and other.base_sha256 and self.base_sha256 != other.base_sha256:
-            return "base weights"
-        if self.adapter and other.adapter and self.adapter != other.adapter:
-            return "landmark adapter"
+        """What differs between the model a context was made with (self) and
+        `other`, or None. Two manifest models are the same checkpoint when
+        their checksums agree, whatever dtype each run loaded it in (a LoRA
+        merged in bf16 and one merged in fp32 differ in the last bits, and a
+        context made on one serves the other); other models are compared by
+        their weights' fingerprint."""
         if self.tokenizer != other.tokenizer:
             return "tokenizer"
-        if self.weights != other.weights:
-            return "weights"
-        return None
+        if self.base_sha256 and other.base_sha256:
+            if self.base_sha256 != other.base_sha256:
+                return "base weights"
+            return "landmark adapter" if self.adapter != other.adapter else None
+        return "weights" if self.weights != other.weights else None
 
 
 # ----- safetensors bytes, streamed out and mapped back -----

@@ -27,7 +27,7 @@ TEXT = "".join(f"Line {i}: the sky is blue, the grass is green. " + ("The pass k
 
 
 def loaded_model(model_dir, **kw):
-    loaded = load_model(str(model_dir), device="cpu", block_size=8, top_k=2, log=lambda m: None, **kw)
+    loaded = load_model(str(model_dir), device="cpu", dtype="float32", block_size=8, top_k=2, log=lambda m: None, **kw)
     # A short prefill chunk: the document takes several chunks, as a book would.
     return replace(loaded, landmark=replace(loaded.landmark, chunk_size=45))
 
@@ -227,9 +227,21 @@ def test_other_model_refused(loaded, document, tmp_path, other_model_dir):
         load(tmp_path / "ctx.lmqa", loaded_model(other_model_dir))
 
 
+def test_manifest_checksums_decide_over_the_weights_fingerprint():
+    from lmqa.context_file import ModelIdentity
+
+    made = ModelIdentity("m", "w-fp32", "tok", "base", {"adapter.safetensors": "a1"})
+    assert made.mismatch(replace(made, weights="w-bf16")) is None  # same checkpoint, other load dtype
+    assert made.mismatch(replace(made, adapter={"adapter.safetensors": "a2"})) == "landmark adapter"
+    assert made.mismatch(replace(made, base_sha256="other")) == "base weights"
+    assert made.mismatch(replace(made, tokenizer="other")) == "tokenizer"
+    plain = ModelIdentity("dir", "w1", "tok")
+    assert plain.mismatch(replace(plain, weights="w2")) == "weights"
+
+
 def test_other_block_size_refused(loaded, document, tmp_path, tiny_model_dir):
     save(ingested(loaded, document), tmp_path / "ctx.lmqa")
-    other = load_model(str(tiny_model_dir), device="cpu", block_size=16, log=lambda m: None)
+    other = load_model(str(tiny_model_dir), device="cpu", dtype="float32", block_size=16, log=lambda m: None)
     with pytest.raises(ContextError, match="block size 8; the loaded model uses 16"):
         load(tmp_path / "ctx.lmqa", other)
 
