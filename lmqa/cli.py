@@ -5,9 +5,11 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import json
 import random
 import time
 import warnings
+from dataclasses import asdict
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -294,8 +296,6 @@ def ask(
     kv_offload: OffloadOpt = "cpu", top_k: TopKOpt = None, block_size: BlockOpt = None,
 ):
     """Read a book or codebase into one landmark context and answer QUESTION, showing which blocks each layer retrieved."""
-    import json
-
     from .context_file import is_context_file
     from .generation import SamplingConfig, StreamDecoder
     from .retrieval_summary import summarize
@@ -468,6 +468,10 @@ def train_command(
                       batch_size=batch_size, grad_accum=grad_accum, lr=lr, synthetic_rate=synthetic_rate,
                       lora_rank=lora_rank, lora_alpha=2 * lora_rank, save_every=save_every, seed=seed,
                       attention_tile=attention_tile, max_minutes=max_minutes)
+    output.mkdir(parents=True, exist_ok=True)
+    with open(output / "runs.jsonl", "a") as fh:  # every start or resume: what a model card must report
+        fh.write(json.dumps({"lmqa": __version__, "data": [str(p) for p in data], "model": base,
+                             "tokens": len(stream), **asdict(cfg), "output": str(output)}) + "\n")
     peft_model = add_lora(loaded.model, loaded.landmark.landmark_id, cfg.lora_rank, cfg.lora_alpha)
     sampler = ExampleSampler(stream, tok, cfg.n_ordinary, cfg.synthetic_rate, seed)
     bar = Progress(TextColumn("training"), BarColumn(), MofNCompleteColumn(), TextColumn("loss {task.fields[loss]}"),
@@ -479,7 +483,7 @@ def train_command(
     files = export_adapter(peft_model, output / "adapter",
                            {"base": base, "block_size": cfg.block_size, "top_k": loaded.landmark.top_k, "train_context": context})
     plot_losses(losses, output / "loss.png", f"landmark fine-tuning of {loaded.name}")
-    (output / "losses.json").write_text(__import__("json").dumps(losses))
+    (output / "losses.json").write_text(json.dumps(losses))
     console.print(f"trained {len(losses)} steps, last loss {losses[-1]:.3f}; adapter: {', '.join(str(f) for f in files)}")
 
 
