@@ -106,15 +106,18 @@ def tiny_tokenizer_dir(tmp_path_factory) -> Path:
     return out
 
 
-@pytest.fixture(scope="session")
-def tiny_model_dir(tmp_path_factory, tiny_tokenizer_dir) -> Path:
+def save_tiny_model_dir(out: Path, tokenizer_dir: Path, seed: int) -> Path:
     """A Hugging Face directory (config, weights, tokenizer) usable as --model DIR."""
     from transformers import AutoTokenizer
 
-    out = tmp_path_factory.mktemp("tiny-model")
-    tok = AutoTokenizer.from_pretrained(tiny_tokenizer_dir)
-    model = make_tiny_llama(vocab=len(tok), seed=1)
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    model = make_tiny_llama(vocab=len(tok), seed=seed)
     model.config.eos_token_id = tok.eos_token_id
     model.save_pretrained(out)
     tok.save_pretrained(out)
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, tiny_tokenizer_dir) -> Path:
+    return save_tiny_model_dir(tmp_path_factory.mktemp("tiny-model"), tiny_tokenizer_dir, seed=1)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_tiny_llama
+from conftest import save_tiny_model_dir
 
 from lmqa import context_file
 from lmqa.context_file import ContextError, load, peek, save
@@ -210,15 +210,7 @@ def test_every_truncation_is_refused(loaded, document, tmp_path):
 @pytest.fixture(scope="module")
 def other_model_dir(tmp_path_factory, tiny_model_dir):
     """Same tokenizer and shapes as tiny_model_dir, other weights."""
-    from transformers import AutoTokenizer
-
-    out = tmp_path_factory.mktemp("other-model")
-    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
-    model = make_tiny_llama(vocab=len(tok), seed=7)
-    model.config.eos_token_id = tok.eos_token_id
-    model.save_pretrained(out)
-    tok.save_pretrained(out)
-    return out
+    return save_tiny_model_dir(tmp_path_factory.mktemp("other-model"), tiny_model_dir, seed=7)
 
 
 def test_other_model_refused(loaded, document, tmp_path, other_model_dir):
