@@ -96,11 +96,15 @@ def _load(model, quantize, device, top_k, block_size):
     return loaded
 
 
+def _check_offload(offload: str) -> None:
+    if offload not in ("cpu", "device"):
+        raise UserError(f"--kv-offload must be cpu or device, not {offload!r}")
+
+
 def _engine(loaded, offload, kv_dtype=None):
     from .engine import LandmarkEngine
 
-    if offload not in ("cpu", "device"):
-        raise UserError(f"--kv-offload must be cpu or device, not {offload!r}")
+    _check_offload(offload)
     return LandmarkEngine(loaded.model, loaded.landmark, offload=offload, kv_dtype=kv_dtype)
 
 
@@ -227,8 +231,7 @@ def _open_context(path: Path, model, quantize, device, kv_offload, top_k, block_
             raise UserError(f"{path} keeps its keys/values in {info.kv_dtype}; --kv-dtype {kv_dtype} applies "
                             f"when ingesting: run `lmqa ingest` again with it")
         loaded = _load(model or info.model.name, quantize, device, top_k, block_size or info.settings.get("block_size"))
-        if kv_offload not in ("cpu", "device"):
-            raise UserError(f"--kv-offload must be cpu or device, not {kv_offload!r}")
+        _check_offload(kv_offload)
         with err.status("opening the context"):
             session = load(path, loaded, kv_offload)
     except ContextError as e:
