@@ -1,0 +1,20 @@
+"""The shipped default model end to end through the CLI (slow: fetches and
+converts the base weights once, then reads a few thousand tokens on the CPU)."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+from typer.testing import CliRunner
+
+from lmqa.cli import app
+
+
+@pytest.mark.slow
+def test_default_model_finds_the_passkey_beyond_its_training_context():
+    """4,000 tokens is four times the adapter's 1,024-token training context:
+    the key can only come back through retrieval."""
+    res = CliRunner().invoke(app, ["passkey", "--length", "4000", "--trials", "2", "--seed", "5", "--device", "cpu"])
+    assert res.exit_code == 0, res.output
+    assert re.search(r"accuracy: 2/2 = 100% at 4,000 tokens", res.output), res.output
