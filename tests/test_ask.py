@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 
 import pytest
@@ -180,3 +181,14 @@ def test_atomic_path_leaves_nothing_behind_on_failure(tmp_path):
         tmp.write_bytes(b"half")
         raise RuntimeError("failed half-way")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_atomic_path_result_gets_the_umask_mode(tmp_path):
+    target = tmp_path / "trace.json"
+    old = os.umask(0o022)
+    try:
+        with atomic_path(target) as tmp:
+            tmp.write_text("{}")
+    finally:
+        os.umask(old)
+    assert target.read_text() == "{}" and (target.stat().st_mode & 0o777) == 0o644
