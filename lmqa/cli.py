@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import functools
-import logging
-import os
 import json
+import logging
 import random
 import time
 import warnings
@@ -282,6 +281,17 @@ def _read_session(path: Path, include, exclude, max_memory: str, model, quantize
     return session
 
 
+def _session(path: Path, include, exclude, max_memory: str, model, quantize, device, kv_offload, top_k,
+             block_size, kv_dtype: Optional[str]):
+    """A DocumentSession for ask and chat: opened from a context file, or read from the document."""
+    from .context_file import is_context_file
+
+    if is_context_file(path):
+        return _open_context(path, model, quantize, device, kv_offload, top_k, block_size, kv_dtype)
+    return _read_session(path, include, exclude, max_memory, model, quantize, device, kv_offload, top_k,
+                         block_size, _kv_dtype(kv_dtype))
+
+
 @app.command()
 @friendly
 def ask(
@@ -299,7 +309,6 @@ def ask(
     kv_offload: OffloadOpt = "cpu", top_k: TopKOpt = None, block_size: BlockOpt = None,
 ):
     """Read a book or codebase into one landmark context and answer QUESTION, showing which blocks each layer retrieved."""
-    from .context_file import is_context_file
     from .generation import SamplingConfig, StreamDecoder
     from .retrieval_summary import summarize
     from .trace_export import result, trace as trace_of, write_json
@@ -308,11 +317,8 @@ def ask(
         raise UserError("the question is empty")
     _output_path(trace, "--trace")
     _output_path(plot, "--plot")
-    if is_context_file(path):
-        session = _open_context(path, model, quantize, device, kv_offload, top_k, block_size, kv_dtype)
-    else:
-        session = _read_session(path, include, exclude, max_memory, model, quantize, device, kv_offload, top_k,
-                                block_size, _kv_dtype(kv_dtype))
+    session = _session(path, include, exclude, max_memory, model, quantize, device, kv_offload, top_k, block_size,
+                       kv_dtype)
 
     decoder = StreamDecoder(session.loaded.tokenizer)
 
@@ -386,6 +392,8 @@ def bench(
     kv_offload: OffloadOpt = "cpu", top_k: TopKOpt = None,
 ):
     """Engine vs transformers' full attention: prefill tokens/s, decode ms/token and memory, in one run."""
+    import torch
+
     from .bench import bench_engine, bench_full, prompt_ids
 
     try:
@@ -406,7 +414,7 @@ def bench(
             with err.status(f"full attention at {n:,} tokens"):
                 rows.append(bench_full(loaded.model, ids, new_tokens))
     table = Table(title=f"lmqa bench: {loaded.name}, k={loaded.landmark.top_k}, b={loaded.landmark.block_size}, "
-                        f"{torch_threads()} threads, device {engine.device}")
+                        f"{torch.get_num_threads()} threads, device {engine.device}")
     for col in ("method", "tokens", "prefill tok/s", "decode ms/token", "peak MiB", "KV cache MiB"):
         table.add_column(col, justify="right")
     for r in rows:
@@ -416,12 +424,6 @@ def bench(
     engine_rows = [r for r in rows if r.method == "landmark"]
     first, last = engine_rows[0], engine_rows[-1]
     console.print(f"engine decode at {last.tokens:,} tokens is {last.decode_ms / first.decode_ms:.2f}x that at {first.tokens:,}")
-
-
-def torch_threads() -> int:
-    import torch
-
-    return torch.get_num_threads()
 
 
 # ----- train -----
@@ -490,7 +492,6 @@ def train_command(
     console.print(f"trained {len(losses)} steps, last loss {losses[-1]:.3f}; adapter: {', '.join(str(f) for f in files)}")
 
 
-
 # ----- persisted contexts and chat -----
 @app.command("ingest")
 @friendly
@@ -532,15 +533,11 @@ def chat(
 ):
     """Ask question after question about one document or context file (a REPL; /help lists its commands)."""
     from .chat import Chat, ChatConfig, line_reader
-    from .context_file import is_context_file
     from .generation import SamplingConfig
     from .loading import CACHE_DIR
 
-    if is_context_file(path):
-        session = _open_context(path, model, quantize, device, kv_offload, top_k, block_size, kv_dtype)
-    else:
-        session = _read_session(path, include, exclude, max_memory, model, quantize, device, kv_offload, top_k,
-                                block_size, _kv_dtype(kv_dtype))
+    session = _session(path, include, exclude, max_memory, model, quantize, device, kv_offload, top_k, block_size,
+                       kv_dtype)
     config = ChatConfig(SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature), show_blocks, keep,
                         CACHE_DIR / "chat-history")
     Chat(session, config, console, err).run(line_reader(config.history))
