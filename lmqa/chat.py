@@ -7,14 +7,27 @@ to hold a conversation. Ctrl-C stops the answer being written and keeps the
 session (DocumentSession.ask rolls back on interruption); Ctrl-D leaves.
 
 Input: prompt_toolkit (line editing, history in the lmqa cache) on an
-interactive terminal; plain input() when stdin or stdout is not a terminal or
-TERM is dumb, so pipes, pexpect and scripts see no escape sequences.
+interactive terminal; a plain line reader when stdin or stdout is not a
+terminal or TERM is dumb, so pipes, pexpect and scripts see no escape sequences.
+
+Ctrl-C is never lost. While the REPL runs, SIGINT does not raise at some
+random bytecode: Python's C-level handler writes the signal number to a pipe
+(signal.set_wakeup_fd) that the plain reader waits on together with stdin and
+the answer loop polls after every token. A byte in a pipe, unlike a flag or a
+pending KeyboardInterrupt, is still there for a read() that only begins after
+the signal landed (input() would block on such a read until the next Enter).
+Any KeyboardInterrupt that is raised anyway (prompt_toolkit's own Ctrl-C, a
+signal in the moment the handler is not installed) ends the current cycle and
+gives a fresh prompt.
 """
 
 from __future__ import annotations
 
 import os
+import select
+import signal
 import sys
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -47,12 +60,97 @@ class ChatConfig:
     history: Path | None = None  # prompt_toolkit history file
 
 
+class SigintPipe:
+    """SIGINT as a byte in a pipe instead of an exception (see the module
+    docstring): arm() installs a do-nothing Python handler and points
+    signal.set_wakeup_fd at the pipe; pending() says, and forgets, whether a
+    SIGINT arrived since it was last asked; disarm() restores what was there.
+    Only the main thread may install signal handlers: elsewhere arming does
+    nothing and Ctrl-C keeps its default behaviour."""
+
+    def __init__(self):
+        self.read_fd, self._write_fd = os.pipe()
+        for fd in (self.read_fd, self._write_fd):
+            os.set_blocking(fd, False)
+        self._saved: tuple | None = None
+
+    def arm(self) -> bool:
+        """Install (again: prompt_toolkit replaces both while it reads a line)."""
+        if threading.current_thread() is not threading.main_thread():
+            return False
+        handler = signal.signal(signal.SIGINT, _ignore_sigint)
+        fd = signal.set_wakeup_fd(self._write_fd, warn_on_full_buffer=False)
+        if self._saved is None:
+            self._saved = (handler, fd)
+        return True
+
+    def disarm(self) -> None:
+        if self._saved is not None:
+            handler, fd = self._saved
+            signal.signal(signal.SIGINT, handler)
+            signal.set_wakeup_fd(fd)
+            self._saved = None
+
+    def pending(self) -> bool:
+        got = b""
+        while True:
+            try:
+                chunk = os.read(self.read_fd, 512)
+            except BlockingIOError:
+                break
+            if not chunk:
+                break
+            got += chunk
+        return signal.SIGINT in got
+
+
+def _ignore_sigint(signum, frame) -> None:
+    """The Python-level SIGINT handler while armed: the wakeup byte does the work."""
+
+
+SIGINT_PIPE = SigintPipe()
+
+
+class PlainLineReader:
+    """input() for pipes and dumb terminals, except that Ctrl-C cannot be lost:
+    it waits on stdin and the SIGINT pipe at once, so a Ctrl-C that landed
+    before, while or after the prompt was written raises KeyboardInterrupt at
+    once. EOFError at end of input (Ctrl-D on a terminal), as input() does."""
+
+    def __init__(self, stdin_fd: int | None = None, out=None, sigint: SigintPipe = SIGINT_PIPE):
+        self.fd = sys.stdin.fileno() if stdin_fd is None else stdin_fd
+        self.out = out
+        self.sigint = sigint
+        self.encoding = getattr(sys.stdin, "encoding", None) or "utf-8"
+        self._buf = b""
+
+    def __call__(self, prompt: str) -> str:
+        out = self.out or sys.stdout
+        out.write(prompt)
+        out.flush()
+        if self.sigint.pending():
+            raise KeyboardInterrupt
+        while b"\n" not in self._buf:
+            ready, _, _ = select.select([self.fd, self.sigint.read_fd], [], [])
+            if self.sigint.pending():
+                raise KeyboardInterrupt
+            if self.fd in ready:
+                chunk = os.read(self.fd, 65536)
+                if not chunk:
+                    if not self._buf:
+                        raise EOFError
+                    break
+                self._buf += chunk
+        line, _, self._buf = self._buf.partition(b"\n")
+        return line.decode(self.encoding, errors="replace")
+
+
 def line_reader(history: Path | None) -> Callable[[str], str]:
     """A function prompt -> line that raises EOFError on Ctrl-D and
     KeyboardInterrupt on Ctrl-C, as input() does."""
     interactive = sys.stdin.isatty() and sys.stdout.isatty() and os.environ.get("TERM", "") != "dumb"
     if not interactive:
-        return input
+        return PlainLineReader()
     from prompt_toolkit import PromptSession
     from prompt_toolkit.history import FileHistory, InMemoryHistory
 
@@ -75,27 +173,39 @@ class Chat:
     def run(self, read_line: Callable[[str], str]) -> None:
         self.note(f"{self.session.engine.n_tokens:,} tokens in {self.session.engine.n_blocks:,} blocks; "
                   "/help for commands, Ctrl-D to leave")
-        while True:
-            try:
-                line = read_line(PROMPT).strip()
-            except KeyboardInterrupt:
-                continue
-            except EOFError:
-                self.console.print()
-                return
-            if not line:
-                continue
-            if line.startswith("/"):
-                if not self.command(line):
-                    return
-            else:
-                self.ask(line)
+        try:
+            while True:
+                SIGINT_PIPE.arm()
+                try:
+                    if not self._cycle(read_line):
+                        return
+                except KeyboardInterrupt:  # at the prompt or in a command: a fresh prompt
+                    self.console.print()
+        finally:
+            SIGINT_PIPE.disarm()
+
+    def _cycle(self, read_line: Callable[[str], str]) -> bool:
+        """Read one line and act on it; False means leave."""
+        try:
+            line = read_line(PROMPT).strip()
+        except EOFError:
+            self.console.print()
+            return False
+        SIGINT_PIPE.arm()  # prompt_toolkit restores Python's default handler when it returns
+        if not line:
+            return True
+        if line.startswith("/"):
+            return self.command(line)
+        self.ask(line)
+        return True
 
     # ----- questions -----
     def ask(self, question: str) -> None:
         decoder = StreamDecoder(self.session.loaded.tokenizer)
 
         def stream(t: int) -> None:
+            if SIGINT_PIPE.pending():
+                raise KeyboardInterrupt
             self.console.print(decoder.push(t), end="", soft_wrap=True, highlight=False, markup=False)
 
         try:

@@ -6,13 +6,14 @@ from __future__ import annotations
 import io
 import json
 import os
+import signal
 import sys
 from pathlib import Path
 
 import pytest
 from rich.console import Console
 
-from lmqa.chat import PROMPT, Chat, ChatConfig
+from lmqa.chat import PROMPT, Chat, ChatConfig, PlainLineReader, SigintPipe
 from lmqa.context_file import load
 from lmqa.engine import LandmarkEngine
 from lmqa.generation import SamplingConfig
@@ -121,6 +122,66 @@ def test_ctrl_c_stops_the_answer_and_keeps_the_session(session):
     assert session.ask("What is the pass key?", greedy).token_ids == want.token_ids
 
 
+def test_real_sigint_while_streaming_stops_the_answer(session):
+    """A real SIGINT (what the terminal sends on Ctrl-C) during an answer: the
+    answer stops, the REPL goes on to the next line, the engine is back at the
+    document and Python's default handler is back once the REPL ends."""
+    mark = session.engine.snapshot()
+
+    class SigintOnFirstWrite(io.StringIO):
+        writes = 0
+
+        def write(self, text):
+            self.writes += 1
+            if self.writes == 1:
+                os.kill(os.getpid(), signal.SIGINT)  # delivered to this thread before kill() returns
+            return super().write(text)
+
+    err = io.StringIO()
+    chat = Chat(session, ChatConfig(SamplingConfig(max_new_tokens=8)), Console(file=SigintOnFirstWrite()),
+                Console(file=err))
+    lines = iter(["What is the pass key?", "/blocks"])
+
+    def read_line(prompt):
+        try:
+            return next(lines)
+        except StopIteration:
+            raise EOFError from None
+
+    chat.run(read_line)
+    assert "stopped; the session is as it was" in err.getvalue() and chat.last is None
+    assert "no answer yet" in err.getvalue()  # the next line was read and run
+    assert session.engine.n_tokens == mark.n_tokens and len(session.engine.trace.steps) == mark.n_steps
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_plain_reader_never_loses_a_ctrl_c():
+    """The race behind issue 14: a SIGINT that lands before the read begins.
+    input() would block in read() until the next Enter (and then drop the
+    line); the plain reader raises KeyboardInterrupt at once, even with input
+    waiting, and the input is still there for the next read."""
+    pipe = SigintPipe()
+    r, w = os.pipe()
+    os.write(w, "first\nsecond\npartial é".encode())
+    reader = PlainLineReader(r, io.StringIO(), pipe)
+    assert pipe.arm()
+    try:
+        assert reader(PROMPT) == "first"
+        os.kill(os.getpid(), signal.SIGINT)  # does not raise here: armed
+        with pytest.raises(KeyboardInterrupt):
+            reader(PROMPT)
+        assert reader(PROMPT) == "second"
+        os.close(w)
+        assert reader(PROMPT) == "partial é"  # a last line without newline
+        with pytest.raises(EOFError):
+            reader(PROMPT)
+    finally:
+        pipe.disarm()
+        os.close(r)
+    assert reader.out.getvalue() == PROMPT * 5
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
 # ----- a real terminal -----
 def rss_kib(pid: int) -> int:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
@@ -130,6 +191,9 @@ def rss_kib(pid: int) -> int:
 
 
 def test_terminal_session_20_questions_flat_memory(tiny_model_dir, doc_path):
+    """The prompt is the readiness marker: the REPL arms its SIGINT pipe before
+    writing it, so a Ctrl-C sent once the prompt is seen cannot be lost (see
+    test_plain_reader_never_loses_a_ctrl_c), and no step waits on time."""
     pexpect = pytest.importorskip("pexpect")
     env = {**os.environ, "TERM": "dumb", "PYTHONPATH": str(ROOT), "COLUMNS": "200"}
     child = pexpect.spawn(sys.executable, ["-m", "lmqa", "chat", str(doc_path), "--model", str(tiny_model_dir),
@@ -137,8 +201,9 @@ def test_terminal_session_20_questions_flat_memory(tiny_model_dir, doc_path):
                           env=env, encoding="utf-8", timeout=120, dimensions=(50, 200))
     try:
         child.expect_exact(PROMPT)
-        child.sendintr()  # Ctrl-C at the prompt: a fresh prompt, not an exit
-        child.expect_exact(PROMPT)
+        for _ in range(3):
+            child.sendintr()  # Ctrl-C at the prompt: a fresh prompt, not an exit
+            child.expect_exact(PROMPT)
         rss = []
         for i in range(20):
             child.sendline(f"Question {i}: what is the pass key?")
