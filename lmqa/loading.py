@@ -24,6 +24,7 @@ from platformdirs import user_cache_dir
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn
 
 from .landmarks import LandmarkConfig
+from .hub import HF_PREFIX
 from .manifest import DEFAULT_MODEL, Manifest, ModelError, find_manifest, list_manifests
 
 CACHE_DIR = Path(os.environ.get("LMQA_CACHE", user_cache_dir("lmqa")))
@@ -87,15 +88,24 @@ def convert_gguf(gguf: Path, out_dir: Path, log=print) -> Path:
         raise ModelError(f"{gguf.name} is a {model.config.model_type} model; lmqa runs LLaMA-family models")
     model.config.quantization_config = None
     del model.config.quantization_config
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=".convert-"))
-    try:
+
+    def write(tmp: Path) -> None:
         tensors = {k: v.to(torch.float16).contiguous() for k, v in model.state_dict().items()
                    if not (model.config.tie_word_embeddings and k == "lm_head.weight")}
         save_file(tensors, tmp / WEIGHTS, metadata={"format": "pt"})
         model.config.save_pretrained(tmp)
         tok.save_pretrained(tmp)
-        (tmp / STAMP).write_text(json.dumps({"source": gguf.name, "sha256": sha256_file(tmp / WEIGHTS)}))
+
+    return _write_cache(out_dir, write, gguf.name)
+
+
+def _write_cache(out_dir: Path, write, source: str) -> Path:
+    """Fill a temp dir with write(tmp), stamp its weights' checksum, rename it into place."""
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=".write-"))
+    try:
+        write(tmp)
+        (tmp / STAMP).write_text(json.dumps({"source": source, "sha256": sha256_file(tmp / WEIGHTS)}))
         if out_dir.exists():
             shutil.rmtree(out_dir)
         os.replace(tmp, out_dir)
@@ -104,19 +114,42 @@ def convert_gguf(gguf: Path, out_dir: Path, log=print) -> Path:
     return out_dir
 
 
+def _cache_state(out: Path) -> str:
+    """'ok', 'missing' or 'corrupt': a cache dir against the weights checksum in its stamp."""
+    stamp = out / STAMP
+    if not stamp.is_file():
+        return "missing"
+    try:
+        ok = json.loads(stamp.read_text())["sha256"] == sha256_file(out / WEIGHTS)
+    except (OSError, ValueError, KeyError):
+        ok = False
+    return "ok" if ok else "corrupt"
+
+
 def cached_base(manifest: Manifest, log=print) -> Path:
     """The converted cache of a manifest's base, made (and verified) on demand."""
     out = CACHE_DIR / "converted" / manifest.base.member_sha256[:16]
-    stamp = out / STAMP
-    if stamp.is_file():
-        try:
-            ok = json.loads(stamp.read_text())["sha256"] == sha256_file(out / WEIGHTS)
-        except (OSError, ValueError, KeyError):
-            ok = False
-        if ok:
-            return out
+    state = _cache_state(out)
+    if state == "ok":
+        return out
+    if state == "corrupt":
         log(f"cache at {out} is corrupt: rebuilding it")
     return convert_gguf(fetch_base(manifest, log), out, log)
+
+
+def manifest_weights(manifest: Manifest, log=print) -> Path:
+    """The weights directory of a manifest: its converted GGUF base, or its
+    recovered weight-diff model (which only `lmqa models pull` makes: it needs
+    the user's own base weights)."""
+    if manifest.diff is None:
+        return cached_base(manifest, log)
+    from .weight_diff import recovered
+
+    out = recovered(manifest)
+    if out is None:
+        raise ModelError(f"{manifest.name} is not recovered yet: run `lmqa models pull {manifest.name} --base DIR` "
+                         f"with DIR = {manifest.diff.base_description}")
+    return out
 
 
 # ----- loading -----
@@ -195,40 +228,76 @@ def _verify_adapter(manifest: Manifest) -> None:
             raise ModelError(f"{manifest.name}: checksum mismatch for {name}: refusing to load it")
 
 
+def merged_adapter(where: Path, gguf_file: str | None, adapter: Path, token: str, dtype: torch.dtype, log=print) -> Path:
+    """Base + LoRA adapter (landmark row included) merged into plain weights and
+    cached, for bitsandbytes to quantize: a quantized layer cannot absorb a
+    LoRA, and LoRA layers left beside quantized ones would run unmerged."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    digests = {f.name: sha256_file(f) for f in sorted(adapter.iterdir()) if f.is_file()}
+    key = json.dumps([str(Path(where).resolve()), gguf_file, token, str(dtype), digests])
+    out = CACHE_DIR / "merged" / hashlib.sha256(key.encode()).hexdigest()[:16]
+    if _cache_state(out) == "ok":
+        return out
+    log("merging the adapter into the base weights before quantizing (once)")
+    extra = {"gguf_file": gguf_file} if gguf_file else {"use_safetensors": True}
+    tokenizer = AutoTokenizer.from_pretrained(where, **extra)
+    model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype, **extra)
+    add_landmark_token(model, tokenizer, token)
+    model = PeftModel.from_pretrained(model, adapter, is_trainable=False).merge_and_unload()
+
+    def write(tmp: Path) -> None:
+        model.save_pretrained(tmp, max_shard_size="1000GB")  # one file: the stamp checks WEIGHTS
+        tokenizer.save_pretrained(tmp)
+
+    return _write_cache(out, write, str(adapter))
+
+
 ADAPTER_META = "lmqa.json"
 
 
 def resolve(spec: str | None, log=print) -> tuple[Path, Manifest | None, str | None, Path | None]:
     """Map --model to (weights dir or GGUF dir, manifest, gguf file name, adapter dir).
 
-    An adapter directory written by `lmqa train` names its base manifest and
-    landmark settings in lmqa.json, so a user's own fine-tune loads like a
-    shipped one.
+    An adapter directory written by `lmqa train` names its base (a manifest,
+    a directory or an hf: id) and landmark settings in lmqa.json, so a user's
+    own fine-tune loads like a shipped one.
     """
     spec = spec or DEFAULT_MODEL
+    if spec.startswith(HF_PREFIX):
+        from .hub import model_snapshot
+
+        return model_snapshot(spec), None, None, None
     manifest = find_manifest(spec)
     if manifest is not None:
-        adapter = manifest.directory if manifest.trained else None
-        return cached_base(manifest, log), manifest, None, adapter
+        adapter = manifest.directory if manifest.adapter else None
+        return manifest_weights(manifest, log), manifest, None, adapter
     path = Path(spec).expanduser()
     if path.is_dir() and (path / ADAPTER_META).is_file():
         try:
             meta = json.loads((path / ADAPTER_META).read_text())
             base_name = meta["base"]
+            settings = {k: meta[k] for k in ("block_size", "top_k", "train_context") if k in meta}
         except (OSError, ValueError, KeyError, TypeError) as err:
             raise ModelError(f"{path / ADAPTER_META} is not a valid lmqa adapter description ({err!r})") from None
         base = find_manifest(base_name)
-        if base is None:
-            raise ModelError(f"{path}: its base model {base_name!r} is not a known manifest")
-        settings = {k: meta[k] for k in ("block_size", "top_k", "train_context") if k in meta}
-        return cached_base(base, log), replace(base, name=str(path), **settings), None, path
+        if base is not None:
+            return manifest_weights(base, log), replace(base, name=str(path), **settings), None, path
+        try:
+            where, _, gguf_file, nested = resolve(base_name, log)
+        except ModelError as err:
+            raise ModelError(f"{path}: its base model {base_name!r} cannot be loaded: {err}") from None
+        if nested is not None:
+            raise ModelError(f"{path}: its base {base_name!r} is itself an adapter; merge one first")
+        return where, Manifest(name=str(path), description="", directory=path, **settings), gguf_file, path
     if path.is_file() and path.suffix == ".gguf":
         return path.parent, None, path.name, None
     if path.is_dir() and (path / "config.json").is_file():
         return path, None, None, None
     known = ", ".join(m.name for m in list_manifests()) or "none"
-    raise ModelError(f"unknown model {spec!r}: not a manifest name ({known}), a Hugging Face directory, "
-                     "an `lmqa train` adapter directory or a .gguf file")
+    raise ModelError(f"unknown model {spec!r}: not a manifest name ({known}), hf:ORG/NAME, a Hugging Face "
+                     "directory, an `lmqa train` adapter directory or a .gguf file")
 
 
 def load_model(spec: str | None = None, quantize: str = "none", device: str = "auto",
@@ -238,7 +307,13 @@ def load_model(spec: str | None = None, quantize: str = "none", device: str = "a
     dev = resolve_device(device)
     dtype = resolve_dtype(dtype, dev)
     where, manifest, gguf_file, adapter = resolve(spec, log)
-    extra = {"gguf_file": gguf_file} if gguf_file else {}
+    trained = adapter is not None or (manifest is not None and manifest.trained)
+    if adapter is not None:
+        _verify_adapter(manifest)
+        if quantize != "none":
+            where, adapter = merged_adapter(where, gguf_file, adapter, manifest.landmark_token, dtype, log), None
+            gguf_file = None
+    extra = {"gguf_file": gguf_file} if gguf_file else {"use_safetensors": True}
     try:
         tokenizer = AutoTokenizer.from_pretrained(where, **extra)
         model = AutoModelForCausalLM.from_pretrained(
@@ -250,23 +325,20 @@ def load_model(spec: str | None = None, quantize: str = "none", device: str = "a
     model.eval()
 
     cfg = model.config
-    trained = False
     if manifest is not None:
         token, b, k, ctx, chunk = (manifest.landmark_token, manifest.block_size, manifest.top_k,
                                    manifest.train_context, manifest.chunk_size)
-    else:  # the paper's released checkpoint records its settings in config.json
+    else:  # the paper's released checkpoint (recovered by lmqa or not) records its settings in config.json
         token, b, k, ctx, chunk = "<landmark>", getattr(cfg, "mem_freq", 63), 5, getattr(cfg, "train_context_length", 1024), None
         trained = hasattr(cfg, "mem_freq")
     landmark_id = getattr(cfg, "mem_id", None) if manifest is None and hasattr(cfg, "mem_id") else add_landmark_token(model, tokenizer, token)
-    if adapter is not None:
+    if manifest is not None and manifest.landmark_id not in (None, landmark_id):
+        raise ModelError(f"{manifest.name}: {token} is token {landmark_id} here, but the model was trained with "
+                         f"{manifest.landmark_id}: the weights are not the ones the manifest describes")
+    if adapter is not None:  # unquantized: merged LoRA runs at the base model's speed
         from peft import PeftModel
 
-        _verify_adapter(manifest)
-        # Merged LoRA runs at the base model's speed; quantized weights cannot
-        # absorb it, so there the LoRA layers stay beside them.
-        peft_model = PeftModel.from_pretrained(model, adapter, is_trainable=False)
-        model = peft_model.merge_and_unload() if quantize == "none" else peft_model.get_base_model()
-        trained = True
+        model = PeftModel.from_pretrained(model, adapter, is_trainable=False).merge_and_unload()
     if block_size is not None and trained and block_size != b:
         raise ModelError(f"{spec or DEFAULT_MODEL} was trained with block size {b}; --block-size {block_size} would not match")
     landmark = LandmarkConfig(landmark_id=landmark_id, block_size=block_size or b, top_k=top_k or k,

@@ -75,6 +75,9 @@ def test_shipped_manifests_read():
         m = manifest_mod.read_manifest(path)
         assert m.name == path.parent.name
         assert m.directory == path.parent
+        if m.diff is not None:  # a released weight diff over the user's base (tests/test_weight_diff.py)
+            assert len(m.diff.revision) == 40 and all(len(d) in (0, 64) for d in m.diff.files.values())
+            continue
         assert len(m.base.wheel_sha256) == 64 and len(m.base.member_sha256) == 64
         assert m.base.wheel.endswith(".whl") and "==" in m.base.requirement
         assert m.block_size >= 2 and m.top_k >= 1
