@@ -3,11 +3,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
 
 import pytest
+import torch
+from conftest import save_tiny_model_dir
 from test_cli import assert_clean_error, assert_ok, run
 from test_ingest import BAD_INPUTS, make_epub, minimal_pdf, write
 from typer.testing import CliRunner
@@ -17,7 +20,7 @@ from lmqa.engine import LandmarkEngine
 from lmqa.generation import SamplingConfig
 from lmqa.ingest import ingest
 from lmqa.loading import load_model
-from lmqa.qa import DocumentSession
+from lmqa.qa import DocumentSession, QAPrompt
 
 FAST = ("--device", "cpu", "--block-size", 8, "--max-new-tokens", 3)
 LOCATION = re.compile(r"\b[\w/]+\.(?:py|md|txt):\d+(?:-\d+)?")
@@ -63,13 +66,100 @@ def test_ask_twice_gives_the_same_answer_and_trace(session):
     assert first.timings.question_tokens > 0 and first.timings.answer_tokens == len(first.token_ids)
 
 
-def test_kept_turn_changes_state_and_forget_restores_it(session):
+def _ids(session, text):
+    return session.loaded.tokenizer(text, add_special_tokens=False).input_ids
+
+
+def test_kept_turn_is_in_the_engine_and_forget_rolls_it_back(session):
+    """keep=True leaves question and answer in the engine: it then holds exactly
+    what a fresh engine holds after document + question + answer fed the same
+    way (equal logits for any continuation); the next question is a follow-up
+    fed after it; forget() returns to the document."""
     greedy = SamplingConfig(max_new_tokens=3)
+    engine = session.engine
+    doc = engine.snapshot()
     fresh = session.ask("q?", greedy)
-    session.ask("first?", greedy, keep=True)
-    assert session.prompt.tail("x", follow_up=True) != session.prompt.tail("x")
+    assert engine.n_tokens == doc.n_tokens  # not kept
+
+    tail = _ids(session, session.prompt.tail("first?"))
+    first = session.ask("first?", greedy, keep=True)
+    assert first.token_ids
+    assert engine.n_tokens == doc.n_tokens + len(tail) + len(first.token_ids)
+    assert engine.n_blocks == (doc.n_tokens + len(tail) + len(first.token_ids)) // session.block_size
+
+    reference = LandmarkEngine(session.loaded.model, session.loaded.landmark)
+    reference.feed(session.token_ids)  # as ingest() did: head + document, then the question, then token by token
+    reference.feed(tail)
+    for t in first.token_ids:
+        reference.feed([t])
+    probe = _ids(session, session.prompt.tail("then?", follow_up=True))
+    kept = engine.snapshot()
+    got = engine.feed(probe)
+    engine.rollback(kept)
+    assert torch.equal(got, reference.feed(probe))
+
+    fed = []
+    real_feed = engine.feed
+    engine.feed = lambda ids, progress=None: fed.append(list(ids)) or real_feed(ids, progress)
+    try:
+        session.ask("then?", greedy)  # a follow-up, not kept: back to the kept turn
+    finally:
+        del engine.feed
+    assert fed[0] == probe
+    assert engine.n_tokens == kept.n_tokens
+
     session.forget()
+    assert engine.n_tokens == doc.n_tokens and engine.n_blocks == doc.n_blocks
     assert session.ask("q?", greedy).token_ids == fresh.token_ids
+
+
+# ----- the chat-template prompt (the default model's path) -----
+# SmolLM2-Instruct's template in short: ChatML with a default system turn.
+CHATML = ("{% for m in messages %}{% if loop.first and m['role'] != 'system' %}<|im_start|>system\n"
+          "You are a helpful AI assistant.<|im_end|>\n{% endif %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}"
+          "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+@pytest.fixture(scope="module")
+def chat_model_dir(tiny_tokenizer_dir, tmp_path_factory):
+    """The tiny model with ChatML special tokens and a chat template (the
+    conftest tokenizer has none, so every other test takes the plain path)."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_tokenizer_dir)
+    tok.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    tok.chat_template = CHATML
+    tok_dir = tmp_path_factory.mktemp("chat-tokenizer")
+    tok.save_pretrained(tok_dir)
+    return save_tiny_model_dir(tmp_path_factory.mktemp("chat-model"), tok_dir, seed=2)
+
+
+def test_chat_template_prompt(chat_model_dir, tmp_path):
+    """First question: system + user turn around the document, ending where the
+    assistant's answer begins. Follow-up: the <|im_end|> that generation stopped
+    at (a stop token) closes the kept answer, then a new user turn."""
+    loaded = load_model(str(chat_model_dir), device="cpu", block_size=8, log=lambda m: None)
+    prompt = QAPrompt(loaded, "document")
+    assert prompt.chat
+    assert prompt.head.startswith("<|im_start|>system\nYou are a helpful AI assistant.<|im_end|>\n<|im_start|>user\n"
+                                  "Read the document below")
+    assert prompt.head.endswith("<document>\n")
+    assert prompt.tail("Who?") == "\n</document>\n\nQuestion: Who?<|im_end|>\n<|im_start|>assistant\n"
+    assert prompt.tail("Why?", follow_up=True) == "<|im_end|>\n<|im_start|>user\nQuestion: Why?<|im_end|>\n<|im_start|>assistant\n"
+
+    doc = write(tmp_path, "doc.txt", "The sky is blue. The pass key is 4711.\n" * 4)
+    session = DocumentSession(loaded, LandmarkEngine(loaded.model, loaded.landmark), ingest(doc))
+    im_end = loaded.tokenizer.convert_tokens_to_ids("<|im_end|>")
+    assert session.stop_ids() == {loaded.tokenizer.eos_token_id, im_end}
+    session.ingest()
+    first = session.ask("Who?", SamplingConfig(max_new_tokens=2), keep=True)
+    follow = _ids(session, session.prompt.tail("Why?", follow_up=True))
+    assert follow[0] == im_end and session.engine.n_tokens == session.document_mark.n_tokens + len(
+        _ids(session, prompt.tail("Who?"))) + len(first.token_ids)
+
+    plain = QAPrompt(dataclasses.replace(loaded, prompt_format="plain"), "document")  # a manifest can opt out
+    assert not plain.chat and "<|im_start|>" not in plain.head + plain.tail("Who?", follow_up=True)
+    assert plain.tail("Who?").endswith("Question: Who?\nAnswer:")
 
 
 def test_per_layer_aggregates_heads_and_steps_onto_sources(session):
