@@ -6,6 +6,7 @@ import functools
 import json
 import logging
 import random
+import sys
 import time
 import warnings
 from dataclasses import asdict
@@ -67,7 +68,7 @@ def main(version: Annotated[bool, typer.Option("--version", callback=_version, i
 
 
 # ----- shared model options -----
-ModelOpt = Annotated[Optional[str], typer.Option("--model", "-m", help="Manifest name (see `lmqa models list`), Hugging Face directory or .gguf file. Default: the shipped landmark model.")]
+ModelOpt = Annotated[Optional[str], typer.Option("--model", "-m", help="Manifest name (see `lmqa models list`), hf:ORG/NAME[@REV], Hugging Face or `lmqa train` directory, or .gguf file. Default: the shipped landmark model.")]
 QuantOpt = Annotated[str, typer.Option("--quantize", "-q", help="Weights: none, int8 or nf4 (bitsandbytes).")]
 DeviceOpt = Annotated[str, typer.Option("--device", help="auto, cpu or cuda.")]
 OffloadOpt = Annotated[str, typer.Option("--kv-offload", help="Where block keys/values live: cpu (host memory) or device.")]
@@ -243,14 +244,13 @@ def _open_context(path: Path, model, quantize, device, kv_offload, top_k, block_
 
 IncludeOpt = Annotated[Optional[list[str]], typer.Option("--include", help="Codebases: read only files matching this .gitignore-style glob (repeatable).")]
 ExcludeOpt = Annotated[Optional[list[str]], typer.Option("--exclude", help="Codebases: skip files and directories matching this .gitignore-style glob (repeatable).")]
-MaxMemoryOpt = Annotated[str, typer.Option("--max-memory", help="Refuse documents whose estimated key/value cache exceeds this (e.g. 4GiB, 512M); auto = 80% of the free memory where blocks live.")]
+MaxMemoryOpt = Annotated[str, typer.Option("--max-memory", help="Key/value memory to use (e.g. 4GiB, 512M; auto = 80% of the free memory where blocks live). A document whose cache exceeds it is read through a temporary file on disk; ingest always streams to its file.")]
 
 
-def _read_session(path: Path, include, exclude, max_memory: str, model, quantize, device, kv_offload, top_k,
-                  block_size, kv_dtype=None):
-    """Read a document into a new DocumentSession: size it first (tokens and
-    estimated key/value cache against the memory budget), then prefill with
-    a progress bar."""
+def _prepared_session(path: Path, include, exclude, max_memory: str, model, quantize, device, kv_offload, top_k,
+                      block_size, kv_dtype=None):
+    """A new DocumentSession for a document, tokenized and sized (tokens and
+    estimated key/value cache, printed); returns it with the memory budget."""
     from .memory_budget import budget, format_size, parse_budget
     from .qa import DocumentSession
 
@@ -265,18 +265,54 @@ def _read_session(path: Path, include, exclude, max_memory: str, model, quantize
     session = DocumentSession(loaded, engine, document, kind)
     with err.status("tokenizing"):
         tokens = session.prepare()
-    need, allowed = session.cache_bytes(), budget(limit, engine.device, kv_offload)
+    allowed = budget(limit, engine.device, kv_offload)
     parts = f"{len(document.segments):,} {'files' if kind == 'codebase' else 'parts'}, " if len(document.segments) > 1 else ""
     err.print(f"[dim]{escape(document.source)}: {parts}{tokens:,} tokens, {len(session.sources):,} blocks of "
-              f"{session.block_size}; estimated key/value cache {format_size(need)} (budget {format_size(allowed)})[/dim]",
-              soft_wrap=True, highlight=False)
+              f"{session.block_size}; estimated key/value cache {format_size(session.cache_bytes())} "
+              f"(budget {format_size(allowed)})[/dim]", soft_wrap=True, highlight=False)
+    return session, allowed
+
+
+def _check_resident(session, allowed: int, piece_bytes: Optional[int] = None) -> None:
+    """Refuse before the prefill when even a streamed one (landmark keys and
+    one piece in memory, the rest in a file) would exceed the budget."""
+    from .context_stream import resident_bytes
+    from .memory_budget import format_size
+
+    need = resident_bytes(session, piece_bytes)
+    if session.engine.offload == "device":
+        need = session.cache_bytes()  # device-resident blocks are not streamed to a file
     if need > allowed:
-        raise UserError(f"{document.source}: {tokens:,} tokens need an estimated {format_size(need)} of key/value cache, "
-                        f"over the budget of {format_size(allowed)}; raise it with --max-memory (e.g. --max-memory "
-                        f"{-(-need // (1 << 30)) + 1}GiB) or ask about a smaller part")
+        raise UserError(f"{session.document.source}: {session.prepare():,} tokens need an estimated {format_size(need)} "
+                        f"of key/value memory, over the budget of {format_size(allowed)}; raise it with --max-memory "
+                        f"(e.g. --max-memory {-(-need // (1 << 30)) + 1}GiB) or ask about a smaller part")
+
+
+def _read_session(path: Path, include, exclude, max_memory: str, model, quantize, device, kv_offload, top_k,
+                  block_size, kv_dtype=None):
+    """Read a document into a new DocumentSession with a progress bar: in
+    memory when its estimated cache fits the budget, else spilled to a
+    temporary context file (see context_stream.py)."""
+    from .context_stream import spill
+    from .loading import CACHE_DIR
+
+    session, allowed = _prepared_session(path, include, exclude, max_memory, model, quantize, device, kv_offload,
+                                         top_k, block_size, kv_dtype)
+    _check_resident(session, allowed)
     progress, advance = _prefill_bar(session.positions, "reading")
-    with progress:
-        stats = session.ingest(advance)
+    if session.cache_bytes() <= allowed:
+        with progress:
+            stats = session.ingest(advance)
+    else:
+        err.print(f"[dim]over the budget: keeping the blocks in a temporary file in {escape(str(CACHE_DIR / 'spill'))}[/dim]",
+                  soft_wrap=True, highlight=False)
+        try:
+            with progress:
+                streamed = spill(session, CACHE_DIR / "spill", progress=advance)
+        except OSError as e:
+            raise UserError(f"could not write the temporary context file in {CACHE_DIR / 'spill'} "
+                            f"({e.strerror or e})") from None
+        session, stats = streamed.session, streamed.stats
     err.print(f"[dim]read {stats.tokens:,} tokens in {stats.seconds:.1f} s ({stats.tokens_per_s:,.0f} tok/s)[/dim]")
     return session
 
@@ -300,17 +336,18 @@ def ask(
     include: IncludeOpt = None, exclude: ExcludeOpt = None, max_memory: MaxMemoryOpt = "auto",
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", min=1, help="Longest answer, in tokens.")] = 200,
     temperature: Annotated[float, typer.Option("--temperature", min=0.0, help="0 = greedy.")] = 0.0,
-    show_blocks: Annotated[int, typer.Option("--show-blocks", min=0, help="Blocks to list per layer, with file:line and snippet (0: no table).")] = 3,
+    show_blocks: Annotated[int, typer.Option("--show-blocks", min=0, help="Also list the N most retrieved blocks per layer, with file:line and snippet (default 0: only the evidence passages).")] = 0,
     trace: Annotated[Optional[Path], typer.Option("--trace", help="Write the full retrieval trace (every step, layer and head: block ids, scores, sources) to this JSON file.")] = None,
     plot: Annotated[Optional[Path], typer.Option("--plot", help="Write a layers x blocks retrieval heatmap, chapters or files marked, to this PNG file.")] = None,
-    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON result (answer, timings, retrieved spans) and nothing else on stdout.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON result (answer, timings, evidence passages, retrieved spans with --show-blocks) and nothing else on stdout.")] = False,
     kv_dtype: KvDtypeOpt = None,
     model: ModelOpt = None, quantize: QuantOpt = "none", device: DeviceOpt = "auto",
     kv_offload: OffloadOpt = "cpu", top_k: TopKOpt = None, block_size: BlockOpt = None,
 ):
-    """Read a book or codebase into one landmark context and answer QUESTION, showing which blocks each layer retrieved."""
+    """Read a book or codebase into one landmark context and answer QUESTION, with the passages the answer read (file:line)."""
+    from .evidence import passages
     from .generation import SamplingConfig, StreamDecoder
-    from .retrieval_summary import summarize
+    from .retrieval_summary import render_evidence, summarize
     from .trace_export import result, trace as trace_of, write_json
 
     if not question.strip():
@@ -330,6 +367,7 @@ def ask(
     t = answer.timings
     if not as_json:
         console.print()
+        console.print(render_evidence(passages(session, answer.evidence)))
     err.print(f"[dim]question prefill {t.prefill_s:.2f} s ({t.question_tokens} tokens), first token after "
               f"{t.first_token_s:.2f} s, {t.answer_tokens} tokens in {t.generate_s:.1f} s ({t.tokens_per_s:.1f} tok/s)[/dim]",
               soft_wrap=True)
@@ -355,20 +393,32 @@ def models_list():
     from .loading import CACHE_DIR
     from .manifest import DEFAULT_MODEL, list_manifests
 
-    table = Table(title="models", caption="* the default of every command")
+    from .weight_diff import recovered
+
+    table = Table(title="models", caption=escape("* the default of every command; --model also takes hf:ORG/NAME[@REV] or DIR"))
     for col in ("name", "landmarks", "b", "k", "train ctx", "cached"):
         table.add_column(col, no_wrap=True)
+    table.add_column("needs")
     for m in list_manifests():
-        cached = (CACHE_DIR / "converted" / m.base.member_sha256[:16]).is_dir()
+        if m.diff is not None:
+            cached = recovered(m) is not None
+            needs = f"your base: `lmqa models pull {m.name} --base DIR`, DIR = {m.diff.base_description}"
+        else:
+            cached, needs = (CACHE_DIR / "converted" / m.base.member_sha256[:16]).is_dir(), "nothing (fetched on first use)"
         table.add_row(m.name + (" *" if m.name == DEFAULT_MODEL else ""), "trained" if m.trained else "no",
-                      str(m.block_size), str(m.top_k), str(m.train_context), "yes" if cached else "no")
+                      str(m.block_size), str(m.top_k), str(m.train_context), "yes" if cached else "no", needs)
     console.print(table)
 
 
 @models_app.command("pull")
 @friendly
-def models_pull(name: Annotated[Optional[str], typer.Argument(help="Manifest name (default: the default model).")] = None):
-    """Fetch, verify and convert a model's base weights now, so the first question does not wait."""
+def models_pull(
+    name: Annotated[Optional[str], typer.Argument(help="Manifest name (default: the default model).")] = None,
+    base: Annotated[Optional[Path], typer.Option("--base", help="Weight-diff models: your base model's Hugging Face directory (see `lmqa models list`).")] = None,
+    diff: Annotated[Optional[Path], typer.Option("--diff", help="Weight-diff models: a local copy of the released diff instead of the hub's.")] = None,
+):
+    """Fetch, verify and convert a model's base weights now, so the first question does not wait;
+    for a released weight diff, recover the model from your base weights."""
     from .loading import cached_base
     from .manifest import DEFAULT_MODEL, find_manifest, list_manifests
 
@@ -376,8 +426,23 @@ def models_pull(name: Annotated[Optional[str], typer.Argument(help="Manifest nam
     if manifest is None:
         known = ", ".join(m.name for m in list_manifests())
         raise UserError(f"unknown model {name!r}: known models are {known}")
-    where = cached_base(manifest, log=lambda m: err.print(f"[dim]{m}[/dim]"))
-    console.print(f"{manifest.name}: base weights ready in {where}")
+    log = lambda m: err.print(f"[dim]{m}[/dim]")  # noqa: E731
+    if manifest.diff is None:
+        if base or diff:
+            raise UserError(f"--base and --diff are for weight-diff models; {manifest.name} is fetched by itself")
+        console.print(f"{manifest.name}: base weights ready in {cached_base(manifest, log=log)}")
+        return
+    from .weight_diff import recover, recovered, verify_recovered
+
+    if base is None:
+        if verify_recovered(manifest):
+            console.print(f"{manifest.name}: recovered weights ready (checksums verified) in {recovered(manifest)}")
+            return
+        raise UserError(f"{manifest.name} is a weight diff: pass --base DIR, DIR = {manifest.diff.base_description}")
+    if diff is not None and not diff.is_dir():
+        raise UserError(f"--diff {diff}: not a directory")
+    where = recover(manifest, base, diff, log=log)
+    console.print(f"{manifest.name}: recovered into {where} (parameter sum checked)")
 
 
 # ----- bench -----
@@ -438,6 +503,9 @@ def train_command(
     grad_accum: Annotated[int, typer.Option(min=1, help="Gradient accumulation steps.")] = 1,
     lr: Annotated[float, typer.Option(help="Peak learning rate (cosine schedule).")] = 5e-4,
     synthetic_rate: Annotated[float, typer.Option(min=0.0, max=1.0, help="Share of synthetic long-range retrieval examples.")] = 0.5,
+    qa_rate: Annotated[float, typer.Option(min=0.0, max=1.0, help="Share of document/codebase QA examples in the ask prompt format (taken before --synthetic-rate applies to the rest).")] = 0.0,
+    code: Annotated[Optional[list[Path]], typer.Option(help="Python source directory for codebase QA examples (repeatable).")] = None,
+    init_adapter: Annotated[Optional[Path], typer.Option(help="Start the LoRA and landmark row from this adapter directory (adapter_model.safetensors of the same rank).")] = None,
     lora_rank: Annotated[int, typer.Option(min=1, help="LoRA rank on all attention and MLP projections.")] = 16,
     attention_tile: Annotated[Optional[int], typer.Option(min=1, help="Query blocks per attention tile (memory-efficient grouped softmax).")] = 4,
     save_every: Annotated[int, typer.Option(min=1, help="Checkpoint interval in steps.")] = 100,
@@ -449,8 +517,10 @@ def train_command(
     """Fine-tune a LLaMA-family model with landmark tokens (LoRA + landmark embedding)."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-    from .train import TrainConfig, add_lora, export_adapter, plot_losses, train
+    from .qa import KINDS, QAPrompt
+    from .train import TrainConfig, add_lora, export_adapter, load_adapter_weights, plot_losses, train
     from .train_data import ExampleSampler, load_stream, tokenize_corpus
+    from .qa_data import QASampler, read_python_files
 
     base = model or "smollm2-135m"
     loaded = _load(base, "none", device, None, block_size)
@@ -472,13 +542,26 @@ def train_command(
     cfg = TrainConfig(output=output, steps=steps, context=context, block_size=loaded.landmark.block_size,
                       batch_size=batch_size, grad_accum=grad_accum, lr=lr, synthetic_rate=synthetic_rate,
                       lora_rank=lora_rank, lora_alpha=2 * lora_rank, save_every=save_every, seed=seed,
-                      attention_tile=attention_tile, max_minutes=max_minutes)
+                      attention_tile=attention_tile, max_minutes=max_minutes, qa_rate=qa_rate)
+    code_files = [f for d in code or [] for f in read_python_files(d)]
+    if code and not code_files:
+        raise UserError(f"no readable .py file under {', '.join(map(str, code))}")
+    adapter_file = init_adapter / "adapter_model.safetensors" if init_adapter else None
+    if adapter_file and not adapter_file.is_file():
+        raise UserError(f"{init_adapter}: no adapter_model.safetensors there")
     output.mkdir(parents=True, exist_ok=True)
     with open(output / "runs.jsonl", "a") as fh:  # every start or resume: what a model card must report
-        fh.write(json.dumps({"lmqa": __version__, "data": [str(p) for p in data], "model": base,
-                             "tokens": len(stream), **asdict(cfg), "output": str(output)}) + "\n")
+        fh.write(json.dumps({"lmqa": __version__, "argv": sys.argv, "data": [str(p) for p in data], "model": base,
+                             "tokens": len(stream), **asdict(cfg), "output": str(output),
+                             "code": [str(d) for d in code or []], "code_files": len(code_files),
+                             "init_adapter": str(init_adapter) if init_adapter else None}, default=str) + "\n")
     peft_model = add_lora(loaded.model, loaded.landmark.landmark_id, cfg.lora_rank, cfg.lora_alpha)
+    if adapter_file:
+        load_adapter_weights(peft_model, adapter_file)
     sampler = ExampleSampler(stream, tok, cfg.n_ordinary, cfg.synthetic_rate, seed)
+    if cfg.qa_rate:
+        prompts = {kind: QAPrompt(loaded, kind) for kind in KINDS}
+        sampler = QASampler(sampler, prompts, cfg.qa_rate, code_files)
     bar = Progress(TextColumn("training"), BarColumn(), MofNCompleteColumn(), TextColumn("loss {task.fields[loss]}"),
                    TimeRemainingColumn(), console=err)
     with bar:
@@ -486,7 +569,8 @@ def train_command(
         losses = train(peft_model, sampler, loaded.landmark.landmark_id, cfg, log=err.print,
                        progress=lambda step, loss: bar.update(task, completed=step, loss=f"{loss:.3f}"))
     files = export_adapter(peft_model, output / "adapter",
-                           {"base": base, "block_size": cfg.block_size, "top_k": loaded.landmark.top_k, "train_context": context})
+                           {"base": str(Path(base).resolve()) if Path(base).is_dir() else base,  # any cwd
+                            "block_size": cfg.block_size, "top_k": loaded.landmark.top_k, "train_context": context})
     plot_losses(losses, output / "loss.png", f"landmark fine-tuning of {loaded.name}")
     (output / "losses.json").write_text(json.dumps(losses))
     console.print(f"trained {len(losses)} steps, last loss {losses[-1]:.3f}; adapter: {', '.join(str(f) for f in files)}")
@@ -500,19 +584,46 @@ def ingest_command(
     output: Annotated[Path, typer.Option("--output", "-o", help="The context file to write (.lmqa is added if missing).")],
     include: IncludeOpt = None, exclude: ExcludeOpt = None, max_memory: MaxMemoryOpt = "auto",
     kv_dtype: KvDtypeOpt = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted ingest of the same document with the same model and settings from its last checkpoint.")] = False,
+    checkpoint_size: Annotated[str, typer.Option("--checkpoint-size", help="Block keys/values written and checkpointed at a time (e.g. 64MiB): what ingest holds in memory besides the model and landmark keys.")] = "64MiB",
     model: ModelOpt = None, quantize: QuantOpt = "none", device: DeviceOpt = "auto",
     kv_offload: OffloadOpt = "cpu", block_size: BlockOpt = None,
 ):
     """Read a book or codebase once and save its landmark context, so `lmqa ask FILE.lmqa` and `lmqa chat FILE.lmqa` answer in seconds."""
-    from .context_file import SUFFIX, save
-    from .memory_budget import format_size
+    from .context_file import SUFFIX
+    from .context_stream import ingest_file, partial_path
+    from .memory_budget import format_size, parse_budget
 
     output = output if output.suffix == SUFFIX else output.with_name(output.name + SUFFIX)
     _output_path(output, "--output")
-    session = _read_session(path, include, exclude, max_memory, model, quantize, device, kv_offload, None,
-                            block_size, _kv_dtype(kv_dtype))
-    with err.status(f"writing {output}"):
-        _write_output(output, lambda p: save(session, p))
+    try:
+        piece_bytes = parse_budget(checkpoint_size)
+    except ValueError as e:
+        raise UserError(f"--checkpoint-size: {e}") from None
+    if piece_bytes is None or piece_bytes < 1:
+        raise UserError(f"--checkpoint-size must be a size of at least 1 byte, not {checkpoint_size!r}")
+    session, allowed = _prepared_session(path, include, exclude, max_memory, model, quantize, device, kv_offload,
+                                         None, block_size, _kv_dtype(kv_dtype))
+    _check_resident(session, allowed, piece_bytes)
+    work = partial_path(output)
+    if work.exists() and not resume:
+        err.print(f"[yellow]note:[/yellow] starting over; {escape(str(work))} holds an interrupted ingest "
+                  f"(--resume continues it)", soft_wrap=True, highlight=False)
+    progress, advance = _prefill_bar(session.positions, "reading")
+    try:
+        with progress:
+            streamed = ingest_file(session, output, resume, piece_bytes, advance)
+    except KeyboardInterrupt:
+        if work.exists():
+            err.print(f"[yellow]note:[/yellow] the work so far is kept in {escape(str(work))}; run the same "
+                      f"command with --resume to continue", soft_wrap=True, highlight=False)
+        raise
+    except OSError as e:
+        raise UserError(f"{output}: could not write ({e.strerror or e})") from None
+    stats = streamed.stats
+    if streamed.resumed_blocks:
+        err.print(f"[dim]resumed after {streamed.resumed_blocks:,} blocks written by an earlier run[/dim]")
+    err.print(f"[dim]read {stats.tokens:,} tokens in {stats.seconds:.1f} s ({stats.tokens_per_s:,.0f} tok/s)[/dim]")
     console.print(f"wrote {output} ({format_size(output.stat().st_size)}): {session.engine.n_tokens:,} tokens, "
                   f"{session.engine.n_blocks:,} blocks; ask with `lmqa ask {output} \"...\"` or `lmqa chat {output}`",
                   soft_wrap=True, highlight=False, markup=False)
