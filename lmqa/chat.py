@@ -216,6 +216,7 @@ class Chat:
             return
         self.console.print()
         self.last = answer
+        self._evidence(answer)
         t = answer.timings
         self.note(f"first token after {t.first_token_s:.2f} s, {t.answer_tokens} tokens, {t.tokens_per_s:.1f} tok/s")
 
@@ -260,6 +261,12 @@ class Chat:
         top = self._int(arg, "/blocks") if arg else self.config.show_blocks
         if top:
             self.console.print(summarize(answer, top))
+
+    def _evidence(self, answer: Answer) -> None:
+        from .evidence import passages
+        from .retrieval_summary import render_evidence
+
+        self.console.print(render_evidence(passages(self.session, answer.evidence)))
 
     def _trace(self, arg: str) -> None:
         from .trace_export import trace, write_json

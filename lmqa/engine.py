@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from transformers.models.llama.modeling_llama import rotate_half
 
 from .block_store import LayerBlockStore
-from .grouped_attention import blockwise_grouped_attention
+from .grouped_attention import blockwise_grouped_attention, grouped_attention_inference
 from .landmarks import LandmarkConfig, insert_landmarks
 
 
@@ -68,6 +68,10 @@ class _OpenBlock:
 
 class LandmarkEngine:
     """Holds one context (block stores + open block) for a LlamaForCausalLM."""
+
+    # Set (by DocumentSession.ask) while answer tokens are generated: token
+    # steps then add their retrieved blocks' attention mass (see evidence.py).
+    evidence = None
 
     def __init__(self, model, config: LandmarkConfig, offload: str = "cpu", kv_dtype: torch.dtype | None = None):
         """kv_dtype: how the block stores keep block keys/values (fp32, fp16,
@@ -185,6 +189,9 @@ class LandmarkEngine:
         win_valid = (torch.arange(n_win_blocks * S, device=self.device) < W).view(n_win_blocks, S)
         q_idx = torch.arange(p, W, device=self.device)
         landmark_rope = self._landmark_rope(h)
+        # Evidence: only in token steps (one ordinary token, maybe its block's landmark), from that token's query.
+        ordinary = [i for i, t in enumerate(piece) if t != cfg.landmark_id] if self.evidence is not None and T <= 2 else []
+        evidence_row = ordinary[0] if len(ordinary) == 1 else None
 
         step_ids, step_scores = [], []
         for li, layer in enumerate(self.llama.layers):
@@ -215,7 +222,12 @@ class LandmarkEngine:
             keys = torch.cat([blocks_k, wk], dim=1)[None]
             values = torch.cat([blocks_v, wv], dim=1)[None]
             valid = torch.cat([torch.ones(r, S, dtype=torch.bool, device=self.device), win_valid])
-            out = blockwise_grouped_attention(q, keys, values, r + q_idx // S, q_idx % S, valid, tile=self.tile)
+            if evidence_row is not None and r:
+                out, probs = grouped_attention_inference(q, keys, values, r + q_idx // S, q_idx % S, valid,
+                                                         block_probs=True)
+                self.evidence.add(ids_r, probs[0].unflatten(1, (-1, T))[:, :, evidence_row, :r])
+            else:
+                out = blockwise_grouped_attention(q, keys, values, r + q_idx // S, q_idx % S, valid, tile=self.tile)
             out = out.transpose(1, 2).reshape(1, T, self.n_heads * self.head_dim).to(h.dtype)
             h = h + attn.o_proj(out)
             h = h + layer.mlp(layer.post_attention_layernorm(h))

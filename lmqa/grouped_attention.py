@@ -160,8 +160,14 @@ def reference_grouped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
 
 @torch.no_grad()
 def grouped_attention_inference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_block: torch.Tensor,
-                                q_offset: torch.Tensor, key_valid: torch.Tensor | None = None) -> torch.Tensor:
+                                q_offset: torch.Tensor, key_valid: torch.Tensor | None = None,
+                                block_probs: bool = False):
     """grouped_attention without autograd, for the engine: same arguments, same result.
+
+    block_probs=True also returns every block's outer probability per query
+    row, [B, Hkv, group * Q, N] (rows ordered like the query heads of each
+    key/value head, then queries): the share of a query's attention that goes
+    to each block's tokens, which is what answer evidence is ranked by.
 
     On a CPU the score tensor's elementwise passes, not the matmuls, bound
     prefill speed, and a fresh multi-megabyte temporary per pass costs more in
@@ -191,7 +197,9 @@ def grouped_attention_inference(q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
     block_sum = scores.sum(dim=-1)  # [.., Q, N]
     inner_lse = block_max[..., 0] + torch.log(block_sum)
     outer = torch.where(earlier, landmark, torch.where(same, inner_lse, torch.full_like(inner_lse, NEG)))
-    share = torch.softmax(outer, dim=-1).div_(block_sum)
-    scores.mul_(share[..., None])
+    probs = torch.softmax(outer, dim=-1)
+    outer_probs = probs.view(B, Hkv, group * Q, N).clone() if block_probs else None
+    scores.mul_(probs.div_(block_sum)[..., None])
     out = scores.view(B, Hkv, group * Q, N * S) @ v.reshape(B, Hkv, N * S, d).float()
-    return out.reshape(B, H, Q, d).to(q.dtype)
+    out = out.reshape(B, H, Q, d).to(q.dtype)
+    return (out, outer_probs) if block_probs else out

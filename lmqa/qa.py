@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from .engine import LandmarkEngine, Mark, RetrievalStep
+from .evidence import BlockMass, EvidenceRecorder
 from .generation import SamplingConfig, generate
 from .ingest import BlockSource, Document, build_source_map, kv_cache_bytes, tokenize_document
 from .loading import LoadedModel
@@ -110,6 +111,7 @@ class Answer:
     timings: Timings
     steps: list[RetrievalStep]  # this answer's steps: question prefill chunks, then one per generated token
     sources: Mapping[int, BlockSource]  # the session's source map, shared
+    evidence: BlockMass | None = None  # attention mass per block of the answer tokens' queries (evidence.py)
 
     @property
     def n_layers(self) -> int:
@@ -230,12 +232,15 @@ class DocumentSession:
         ids = tok(self.prompt.tail(question, follow_up=self._turns > 0), add_special_tokens=False).input_ids
         first_step = len(self.engine.trace.steps)
         times: dict[str, float] = {}
+        recorder = EvidenceRecorder()
 
         def prefilled(_: int) -> None:
             times["prefill"] = time.perf_counter()
 
         def token(t: int) -> None:
-            times.setdefault("first", time.perf_counter())
+            if "first" not in times:  # the question is prefilled: from here on, steps are answer tokens
+                times["first"] = time.perf_counter()
+                self.engine.evidence = recorder
             if on_token is not None:
                 on_token(t)
 
@@ -245,6 +250,8 @@ class DocumentSession:
         except BaseException:  # Ctrl-C in a chat stops the answer: the session stays as it was
             self.engine.rollback(self._mark)
             raise
+        finally:
+            self.engine.evidence = None
         end = time.perf_counter()
         steps = list(self.engine.trace.steps[first_step:])
         if keep:
@@ -254,7 +261,8 @@ class DocumentSession:
             self.engine.rollback(self._mark)
         first = times.get("first", end)
         timings = Timings(len(ids), times.get("prefill", start) - start, first - start, end - first, len(out))
-        return Answer(question, tok.decode(out, skip_special_tokens=True).strip(), out, timings, steps, self.sources)
+        return Answer(question, tok.decode(out, skip_special_tokens=True).strip(), out, timings, steps, self.sources,
+                      recorder.result())
 
     def forget(self) -> None:
         """Drop kept turns: back to the document state."""

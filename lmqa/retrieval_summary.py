@@ -1,11 +1,16 @@
-"""Per-layer summary of what an answer retrieved, for people to read: each
-block as the file:line span and snippet it came from, not a token range."""
+"""What an answer read, for people: its evidence passages (always shown) and
+the per-layer retrieval table (on request), each block as the file:line span
+and text it came from, not a token range."""
 
 from __future__ import annotations
 
+from rich.console import Group
 from rich.markup import escape
+from rich.padding import Padding
 from rich.table import Table
+from rich.text import Text
 
+from .evidence import Passage, excerpt
 from .qa import Answer, RetrievedBlock
 
 TITLE = "retrieved blocks per layer (count over heads and steps, best score)"
@@ -34,3 +39,19 @@ def summarize(answer: Answer, top: int) -> Table:
             table.add_row(str(layer) if i == 0 else "", str(block.block), escape(where(block)), str(block.count),
                           f"{block.best_score:.2f}", escape(snippet), end_section=i == len(blocks) - 1)
     return table
+
+
+def render_evidence(passages: list[Passage]) -> Group:
+    """An "Evidence" heading, then per passage its file:line range, its share
+    of the answer's attention and its text cut to a few lines."""
+    if not passages:
+        return Group(Text("Evidence: none (no document block was read while answering)", style="dim"))
+    parts: list = [Text("Evidence", style="bold")]
+    for i, passage in enumerate(passages, 1):
+        head = Text(f"{i}. ")
+        head.append(passage.location, style="cyan")
+        blocks = passage.blocks
+        span = f"block {blocks[0]}" if len(blocks) == 1 else f"blocks {blocks[0]}-{blocks[-1]}"
+        head.append(f"  {span}, {100 * passage.share:.1f}% of the answer's attention", style="dim")
+        parts += [head, Padding(Text(excerpt(passage.text)), (0, 0, 0, 3))]
+    return Group(*parts)

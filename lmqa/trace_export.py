@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from .atomic_file import atomic_path
+from .evidence import passages
 from .ingest import BlockSource
 from .qa import Answer, DocumentSession, RetrievedBlock
 
@@ -44,11 +45,15 @@ def _retrieved_json(block: RetrievedBlock) -> dict[str, Any]:
 
 
 def result(session: DocumentSession, answer: Answer, top: int) -> dict[str, Any]:
-    """What `ask --json` prints: answer, timings and each layer's `top` blocks."""
-    return {"model": session.loaded.name, "document": _document_json(session), "question": answer.question,
-            "answer": answer.text, "timings": _timings_json(session, answer),
-            "retrieved": [{"layer": layer, "blocks": [_retrieved_json(b) for b in blocks[:top]]}
-                          for layer, blocks in enumerate(answer.per_layer())]}
+    """What `ask --json` prints: answer, timings, evidence passages and, if
+    top > 0, each layer's `top` blocks."""
+    out = {"model": session.loaded.name, "document": _document_json(session), "question": answer.question,
+           "answer": answer.text, "timings": _timings_json(session, answer),
+           "evidence": [p.to_json() for p in passages(session, answer.evidence)]}
+    if top:
+        out["retrieved"] = [{"layer": layer, "blocks": [_retrieved_json(b) for b in blocks[:top]]}
+                            for layer, blocks in enumerate(answer.per_layer())]
+    return out
 
 
 def trace(session: DocumentSession, answer: Answer) -> dict[str, Any]:

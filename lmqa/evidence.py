@@ -1,0 +1,141 @@
+"""Evidence for an answer: the document passages its tokens attended to most.
+
+A generated sentence from a small model can be wrong while the blocks it read
+are right, so every answer comes with where it looked. While answer tokens
+are generated, the engine hands each layer's outer probabilities of the
+retrieved blocks (the grouped softmax's share of a query's attention that goes
+to a block's tokens) to an EvidenceRecorder, which sums them per block over
+layers, query heads and answer tokens. passages() ranks those sums, keeps
+only blocks made of document text alone (the prompt's head, the question and
+earlier turns are no evidence; the attention sink at the prompt's start would
+otherwise win every time), merges neighbouring top blocks and maps them to
+file:line and text through the session's source map.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+if TYPE_CHECKING:
+    from .qa import DocumentSession
+
+PASSAGES = 3  # at most this many passages per answer; neighbouring top blocks merge into one
+
+
+@dataclass(frozen=True)
+class BlockMass:
+    """Attention mass per block id (float64, [n]), summed over `rows` query
+    rows (layers x query heads x answer tokens); mass / rows is a block's mean
+    share of the answer's attention."""
+
+    mass: torch.Tensor
+    rows: int
+
+
+class EvidenceRecorder:
+    """Accumulates per-block attention mass; the engine calls add() once per
+    layer in every token step while it is set as LandmarkEngine.evidence.
+    The sums stay on the engine's device until result(), so recording costs
+    no host synchronisation per layer."""
+
+    def __init__(self):
+        self._mass: torch.Tensor | None = None
+        self._rows = 0
+
+    def add(self, block_ids: torch.Tensor, probs: torch.Tensor) -> None:
+        """block_ids: [Hkv, r] retrieved blocks; probs: [Hkv, rows, r] their
+        outer probabilities for each query row of the head group."""
+        need = int(block_ids.max()) + 1
+        if self._mass is None or len(self._mass) < need:
+            grown = torch.zeros(max(need, 2 * (0 if self._mass is None else len(self._mass))),
+                                dtype=torch.float64, device=probs.device)
+            if self._mass is not None:
+                grown[: len(self._mass)] = self._mass
+            self._mass = grown
+        self._mass.index_add_(0, block_ids.flatten(), probs.sum(dim=1).flatten().to(torch.float64))
+        self._rows += probs.shape[0] * probs.shape[1]
+
+    def result(self) -> BlockMass:
+        mass = torch.zeros(0, dtype=torch.float64) if self._mass is None else self._mass.cpu()
+        return BlockMass(mass, self._rows)
+
+
+@dataclass(frozen=True)
+class Passage:
+    """Consecutive document blocks in one file, chapter or page, with the
+    attention mass the answer put on them."""
+
+    blocks: tuple[int, ...]
+    top_block: int  # the passage's block with the most mass
+    file: str
+    start_line: int
+    end_line: int
+    mass: float  # summed over layers, query heads and answer tokens
+    share: float  # mass per query row: the mean share of the answer's attention
+    text: str
+
+    @property
+    def location(self) -> str:
+        lines = str(self.start_line) if self.start_line == self.end_line else f"{self.start_line}-{self.end_line}"
+        return f"{self.file}:{lines}"
+
+    def to_json(self) -> dict[str, Any]:
+        return {"file": self.file, "start_line": self.start_line, "end_line": self.end_line, "block": self.top_block,
+                "blocks": list(self.blocks), "mass": round(self.mass, 6), "share": round(self.share, 6),
+                "text": self.text}
+
+
+def document_blocks(session: DocumentSession) -> range:
+    """Block ids whose tokens are all document tokens: not the prompt head
+    before the document, nor the question and answers after it."""
+    b = session.block_size
+    start, end = session.doc_token_start, len(session.token_ids)
+    return range(-(-start // b), end // b)
+
+
+def passages(session: DocumentSession, evidence: BlockMass | None, limit: int = PASSAGES) -> list[Passage]:
+    """The `limit` document blocks with the most mass, neighbours in the same
+    file merged, most mass first."""
+    if evidence is None or not evidence.rows:
+        return []
+    allowed = document_blocks(session)
+    mass = evidence.mass[allowed.start : min(allowed.stop, len(evidence.mass))]
+    if not len(mass):
+        return []
+    values, order = mass.topk(min(limit, len(mass)))
+    top = sorted(allowed.start + int(i) for v, i in zip(values.tolist(), order.tolist()) if v > 0)
+    runs: list[list[int]] = []
+    for block in top:
+        if runs and block == runs[-1][-1] + 1 and _same_part(session, runs[-1][-1], block):
+            runs[-1].append(block)
+        else:
+            runs.append([block])
+    found = [_passage(session, run, evidence) for run in runs]
+    return sorted(found, key=lambda p: (-p.mass, p.blocks[0]))
+
+
+def _same_part(session: DocumentSession, left: int, right: int) -> bool:
+    """Both blocks lie wholly in one and the same file, chapter or page, so
+    the merged passage has one file:line range."""
+    a, b = session.sources[left].locations, session.sources[right].locations
+    return len(a) == len(b) == 1 and a[0].title == b[0].title
+
+
+def _passage(session: DocumentSession, run: list[int], evidence: BlockMass) -> Passage:
+    first, last = session.sources[run[0]], session.sources[run[-1]]
+    masses = [float(evidence.mass[b]) for b in run]
+    text = session.document.text[first.char_start : last.char_end].strip()
+    return Passage(tuple(run), run[masses.index(max(masses))], first.title, first.line_start, last.line_end, sum(masses),
+                   sum(masses) / evidence.rows, text)
+
+
+def excerpt(text: str, width: int = 320) -> str:
+    """One line of at most `width` characters, cut at a word, for display."""
+    flat = " ".join(text.split())
+    if len(flat) <= width:
+        return flat
+    cut = flat.rfind(" ", 0, width)
+    return flat[: cut if cut > width // 2 else width].rstrip(",;:") + " …"
