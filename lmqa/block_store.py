@@ -75,13 +75,22 @@ class _Growable:
         if self.size < self.n_base:
             self.base = self.base[: self.size]
 
-    def parts(self, n: int | None = None) -> list[torch.Tensor]:
-        """The first n rows (default: all) in order, as the frozen prefix and
-        the tail (no copy); one empty part when there are no rows, so the
-        dtype and row shape are always at hand."""
+    def parts(self, n: int | None = None, start: int = 0) -> list[torch.Tensor]:
+        """Rows start..n (default: to the end) in order, as pieces of the
+        frozen prefix and the tail (no copy); one empty part when there are no
+        rows, so the dtype and row shape are always at hand."""
         n = self.size if n is None else min(n, self.size)
-        parts = [p for p in (self.base[:n], self.data[: max(n - self.n_base, 0)]) if p.shape[0]]
+        nb = self.n_base
+        parts = [p for p in (self.base[start:n], self.data[max(start - nb, 0) : max(n - nb, 0)]) if p.shape[0]]
         return parts or [self.data[:0]]
+
+    def freeze(self, base: torch.Tensor) -> None:
+        """base holds a copy of every row (e.g. just written to a mapped
+        file): read them there from now on; the tail's buffer is kept for
+        the next rows, so memory stays at one buffer however many rows."""
+        if base.shape[0] != self.size:
+            raise ValueError(f"freezing {self.size} rows onto a prefix of {base.shape[0]}")
+        self.base = base
 
     def view(self) -> torch.Tensor:
         """All rows as one tensor: a copy when there is both a prefix and a tail."""
@@ -221,16 +230,32 @@ class LayerBlockStore:
         v = self.values.take(host_ids, host_heads, self.device, self.dtype)
         return k, v, lm
 
-    def export(self, n_blocks: int | None = None) -> dict[str, list[torch.Tensor]]:
-        """Tensor name -> the first n_blocks rows (default: all), as parts to
+    def export(self, n_blocks: int | None = None, start: int = 0) -> dict[str, list[torch.Tensor]]:
+        """Tensor name -> blocks start..n_blocks (default: all), as parts to
         write one after another (the storage dtype's codes: no dequantizing,
         no concatenating)."""
-        out = {"landmark_keys": self.landmark_keys.parts(n_blocks), "keys": self.keys.codes.parts(n_blocks),
-               "values": self.values.codes.parts(n_blocks)}
+        return {name: part.parts(n_blocks, start) for name, part in self._parts().items()}
+
+    def _parts(self) -> dict[str, _Growable]:
+        out = {"landmark_keys": self.landmark_keys, "keys": self.keys.codes, "values": self.values.codes}
         if self.kv_dtype == torch.int8:
-            out["key_scales"] = self.keys.scales.parts(n_blocks)
-            out["value_scales"] = self.values.scales.parts(n_blocks)
+            out["key_scales"] = self.keys.scales
+            out["value_scales"] = self.values.scales
         return out
+
+    @property
+    def n_frozen(self) -> int:
+        """Blocks whose keys/values are read from a frozen prefix (see freeze)."""
+        return self.keys.codes.n_base
+
+    def freeze(self, saved: dict[str, torch.Tensor]) -> None:
+        """saved: every block so far, named as by export() (a context file
+        being written): block keys/values are read there from now on and the
+        memory they took is reused for the next blocks. Landmark keys stay in
+        memory: every step scores all of them."""
+        for name, part in self._parts().items():
+            if name != "landmark_keys":
+                part.freeze(saved[name].to(part.device, part.dtype))
 
     def bytes_on(self) -> dict[str, int]:
         """Bytes held on the compute device and on the host, by role.

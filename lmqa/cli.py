@@ -273,19 +273,12 @@ def _prepared_session(path: Path, include, exclude, max_memory: str, model, quan
     return session, allowed
 
 
-def _check_resident(session, allowed: int, piece_bytes: Optional[int] = None) -> None:
-    """Refuse before the prefill when even a streamed one (landmark keys and
-    one piece in memory, the rest in a file) would exceed the budget."""
-    from .context_stream import resident_bytes
+def _over_budget(session, need: int, allowed: int) -> UserError:
     from .memory_budget import format_size
 
-    need = resident_bytes(session, piece_bytes)
-    if session.engine.offload == "device":
-        need = session.cache_bytes()  # device-resident blocks are not streamed to a file
-    if need > allowed:
-        raise UserError(f"{session.document.source}: {session.prepare():,} tokens need an estimated {format_size(need)} "
-                        f"of key/value memory, over the budget of {format_size(allowed)}; raise it with --max-memory "
-                        f"(e.g. --max-memory {-(-need // (1 << 30)) + 1}GiB) or ask about a smaller part")
+    return UserError(f"{session.document.source}: {session.prepare():,} tokens need an estimated {format_size(need)} "
+                     f"of key/value memory, over the budget of {format_size(allowed)}; raise it with --max-memory "
+                     f"(e.g. --max-memory {-(-need // (1 << 30)) + 1}GiB) or ask about a smaller part")
 
 
 def _read_session(path: Path, include, exclude, max_memory: str, model, quantize, device, kv_offload, top_k,
@@ -293,14 +286,17 @@ def _read_session(path: Path, include, exclude, max_memory: str, model, quantize
     """Read a document into a new DocumentSession with a progress bar: in
     memory when its estimated cache fits the budget, else spilled to a
     temporary context file (see context_stream.py)."""
-    from .context_stream import spill
+    from .context_stream import fitting_piece_bytes, spill
     from .loading import CACHE_DIR
 
     session, allowed = _prepared_session(path, include, exclude, max_memory, model, quantize, device, kv_offload,
                                          top_k, block_size, kv_dtype)
-    _check_resident(session, allowed)
+    need = session.cache_bytes()
+    piece_bytes = fitting_piece_bytes(session, allowed) if kv_offload == "cpu" else None  # device blocks stay put
+    if need > allowed and piece_bytes is None:
+        raise _over_budget(session, need, allowed)
     progress, advance = _prefill_bar(session.positions, "reading")
-    if session.cache_bytes() <= allowed:
+    if need <= allowed:
         with progress:
             stats = session.ingest(advance)
     else:
@@ -308,7 +304,7 @@ def _read_session(path: Path, include, exclude, max_memory: str, model, quantize
                   soft_wrap=True, highlight=False)
         try:
             with progress:
-                streamed = spill(session, CACHE_DIR / "spill", progress=advance)
+                streamed = spill(session, CACHE_DIR / "spill", piece_bytes, advance)
         except OSError as e:
             raise UserError(f"could not write the temporary context file in {CACHE_DIR / 'spill'} "
                             f"({e.strerror or e})") from None
@@ -591,7 +587,7 @@ def ingest_command(
 ):
     """Read a book or codebase once and save its landmark context, so `lmqa ask FILE.lmqa` and `lmqa chat FILE.lmqa` answer in seconds."""
     from .context_file import SUFFIX
-    from .context_stream import ingest_file, partial_path
+    from .context_stream import ingest_file, partial_path, resident_bytes
     from .memory_budget import format_size, parse_budget
 
     output = output if output.suffix == SUFFIX else output.with_name(output.name + SUFFIX)
@@ -604,7 +600,9 @@ def ingest_command(
         raise UserError(f"--checkpoint-size must be a size of at least 1 byte, not {checkpoint_size!r}")
     session, allowed = _prepared_session(path, include, exclude, max_memory, model, quantize, device, kv_offload,
                                          None, block_size, _kv_dtype(kv_dtype))
-    _check_resident(session, allowed, piece_bytes)
+    need = resident_bytes(session, piece_bytes) if kv_offload == "cpu" else session.cache_bytes()
+    if need > allowed:
+        raise _over_budget(session, need, allowed)
     work = partial_path(output)
     if work.exists() and not resume:
         err.print(f"[yellow]note:[/yellow] starting over; {escape(str(work))} holds an interrupted ingest "

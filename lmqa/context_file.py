@@ -8,7 +8,8 @@ key, "lmqa": a small JSON object with the format name and version, the lmqa
 version, the model's identity (name, manifest base/adapter checksums, a
 fingerprint of the loaded weights and one of the tokenizer), the landmark
 settings (landmark id, block size, top-k and prefill chunk at ingest, train
-context), the kv dtype, the shapes and the token count. Tensors:
+context), the kv dtype, the token, block and document byte counts and the
+blocks per checksummed piece. Tensors:
 
   layers.{i}.landmark_keys              [n, Hkv, d]     compute dtype
   layers.{i}.keys, .values              [n, Hkv, b, d]  kv dtype (int8: codes)
@@ -16,8 +17,23 @@ context), the kv dtype, the shapes and the token count. Tensors:
   layers.{i}.open_keys, .open_values    [Hkv, p, d]     the open (partial) block
   token_ids                             [N] int64       prompt head + document
   document                              [bytes] uint8   UTF-8 JSON: the document
-        (source, kind, text, segments, skips, warnings), the source map
-        (block -> file/chapter/page and lines) and the ingest statistics
+        (source, kind, text, segments, skips, warnings) and the source map
+        (block -> file/chapter/page and lines)
+  checksums                             [pieces + 2] int64: CRC-32 + 1 (0:
+        not written yet) of the header, token ids and document; of each
+        piece of blocks (its rows of every block tensor, layer by layer);
+        and of the open block, written last, which marks the file complete
+
+Every shape follows from the metadata, so the whole header is known before
+the first block exists: `lmqa ingest` writes it first, then each piece of
+blocks as the prefill closes it (ContextWriter; the engine then reads those
+blocks back through the file's memory map, so its memory stays at one
+piece), and an interrupted ingest resumes after its last checksummed piece.
+A reader recomputes the header from the metadata and requires it byte for
+byte, so a crafted or damaged header is refused before any tensor is made,
+and load() checks every checksum (CRC-32 runs at several GB/s: about a
+second per 3 GB). The file holds no wall-clock time, so a resumed ingest
+writes exactly the bytes an uninterrupted one does.
 
 The state saved is the document state (the session's document mark), never a
 kept conversation. The ingest's own retrieval trace is not saved: answers
@@ -26,16 +42,11 @@ only report their own steps.
 We write and read the bytes ourselves rather than with safetensors' save_file
 and safe_open: save_file materialises every tensor's bytes at once (twice the
 context in RAM) and safe_open copies each tensor it hands out. Here tensors
-stream out part by part, and come back as torch.frombuffer views of one
-private memory map, so opening a context reads its header, landmark keys and
-document only; block keys and values are paged in as questions retrieve them,
-and a context larger than RAM still opens. Tensors are laid out by
+are written part by part, and come back as torch.frombuffer views of one
+private memory map, so opening a context keeps only its landmark keys and
+document in memory; block keys and values are paged in as questions retrieve
+them, and a context larger than RAM still opens. Tensors are laid out by
 descending element size, so each is aligned for its dtype.
-
-Writes are atomic (atomic_file.atomic_path: a temp file beside the target,
-fsynced, then renamed over it). A file shorter or longer than its header
-says is refused, so neither an interrupted write's leftover temp file nor a
-truncated copy opens as a context.
 """
 
 from __future__ import annotations
@@ -45,6 +56,7 @@ import json
 import mmap
 import os
 import struct
+import zlib
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -53,17 +65,20 @@ import torch
 
 from . import __version__
 from .atomic_file import atomic_path
-from .block_store import kv_dtype_name, parse_kv_dtype
+from .block_store import KV_DTYPES, kv_dtype_name, parse_kv_dtype
 from .engine import LandmarkEngine, RetrievalTrace
 from .ingest import BlockSource, Document, Location, Segment, SkipReport
 from .loading import LoadedModel
 from .manifest import find_manifest
-from .qa import DocumentSession, IngestStats
+from .qa import DocumentSession
 
 FORMAT = "lmqa-context"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 SUFFIX = ".lmqa"
+PIECE_BYTES = 64 << 20  # default keys/values per checksummed piece: what `lmqa ingest` holds in memory
 _MAX_HEADER = 100 << 20  # safetensors' own limit
+_MAX_LAYERS = 4096  # sanity bound on a header's claims, checked before anything is sized by them
+_IO_CHUNK = 16 << 20
 _DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
            torch.int64: "I64", torch.int32: "I32", torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL"}
 _BY_NAME = {v: k for k, v in _DTYPES.items()}
@@ -132,113 +147,316 @@ class ModelIdentity:
         return "weights" if self.weights != other.weights else None
 
 
-# ----- safetensors bytes, streamed out and mapped back -----
-@dataclass
-class _Entry:
-    name: str
-    parts: list[torch.Tensor]  # concatenated along dim 0
+# ----- the layout: every byte range follows from the metadata -----
+@dataclass(frozen=True)
+class _Span:
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    start: int  # absolute file offsets
+    end: int
 
     @property
-    def dtype(self) -> torch.dtype:
-        return self.parts[0].dtype
-
-    @property
-    def shape(self) -> list[int]:
-        return [sum(p.shape[0] for p in self.parts), *self.parts[0].shape[1:]]
-
-    @property
-    def nbytes(self) -> int:
-        return sum(p.numel() * p.element_size() for p in self.parts)
+    def row_bytes(self) -> int:
+        return (self.end - self.start) // self.shape[0] if self.shape[0] else 0
 
 
-def _write(path: Path, entries: list[_Entry], metadata: dict[str, Any]) -> int:
-    entries = sorted(entries, key=lambda e: -e.parts[0].element_size())  # keeps every tensor aligned
-    header: dict[str, Any] = {"__metadata__": {"lmqa": json.dumps(metadata, separators=(",", ":"))}}
-    offset = 0
-    for e in entries:
-        header[e.name] = {"dtype": _DTYPES[e.dtype], "shape": e.shape, "data_offsets": [offset, offset + e.nbytes]}
-        offset += e.nbytes
-    raw = json.dumps(header, separators=(",", ":")).encode()
-    raw += b" " * (-(8 + len(raw)) % 8)
-    with atomic_path(path) as tmp, open(tmp, "wb") as fh:
-        fh.write(struct.pack("<Q", len(raw)))
-        fh.write(raw)
-        for e in entries:
-            for part in e.parts:
-                _write_part(fh, part)
-        fh.flush()
-        os.fsync(fh.fileno())
-    return 8 + len(raw) + offset
+class _Layout:
+    """Header bytes, tensor spans and checksum ranges of the file a metadata
+    object describes. Raises KeyError/TypeError/ValueError on metadata that
+    is incomplete or impossible."""
+
+    def __init__(self, meta: dict[str, Any]):
+        s = meta["settings"]
+        layers, heads, dim, b = (int(s[k]) for k in ("layers", "kv_heads", "head_dim", "block_size"))
+        n, n_tokens, doc_bytes, self.piece_blocks = (int(meta[k]) for k in ("n_blocks", "n_tokens", "document_bytes", "piece_blocks"))
+        if not (0 < layers <= _MAX_LAYERS and heads > 0 and dim > 0 and b > 0 and self.piece_blocks > 0 and doc_bytes >= 0
+                and n >= 0 and 0 <= n_tokens - n * b < b):
+            raise ValueError("impossible shapes")
+        compute, kv = getattr(torch, s["dtype"]), parse_kv_dtype(meta["kv_dtype"])
+        if compute not in KV_DTYPES.values():
+            raise ValueError(f"compute dtype {s['dtype']}")
+        self.meta, self.layers, self.n_blocks = meta, layers, n
+        self.n_pieces = -(-n // self.piece_blocks)
+        specs = [("token_ids", torch.int64, (n_tokens,)), ("checksums", torch.int64, (self.n_pieces + 2,)),
+                 ("document", torch.uint8, (doc_bytes,))]
+        for i in range(layers):
+            specs += [(f"layers.{i}.landmark_keys", compute, (n, heads, dim)),
+                      (f"layers.{i}.keys", kv, (n, heads, b, dim)), (f"layers.{i}.values", kv, (n, heads, b, dim))]
+            if kv == torch.int8:
+                specs += [(f"layers.{i}.key_scales", torch.float32, (n, heads, b)),
+                          (f"layers.{i}.value_scales", torch.float32, (n, heads, b))]
+            specs += [(f"layers.{i}.open_keys", compute, (heads, n_tokens - n * b, dim)),
+                      (f"layers.{i}.open_values", compute, (heads, n_tokens - n * b, dim))]
+        specs.sort(key=lambda spec: -spec[1].itemsize)  # stable: keeps every tensor aligned
+        header: dict[str, Any] = {"__metadata__": {"lmqa": json.dumps(meta, separators=(",", ":"))}}
+        offset = 0
+        for name, dtype, shape in specs:
+            nbytes = dtype.itemsize
+            for dim_size in shape:
+                nbytes *= dim_size
+            header[name] = {"dtype": _DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+            offset += nbytes
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * (-(8 + len(raw)) % 8)
+        self.header = struct.pack("<Q", len(raw)) + raw
+        data = len(self.header)
+        self.spans = {name: _Span(dtype, shape, data + header[name]["data_offsets"][0], data + header[name]["data_offsets"][1])
+                      for name, dtype, shape in specs}
+        self.size = data + offset
+        self.store_names = [name for name in _STORE_TENSORS if f"layers.0.{name}" in self.spans]
+
+    def blocks(self, piece: int) -> tuple[int, int]:
+        """The block range [start, stop) of a checksummed piece."""
+        return piece * self.piece_blocks, min((piece + 1) * self.piece_blocks, self.n_blocks)
+
+    def piece_ranges(self, piece: int) -> list[tuple[int, int]]:
+        """(offset, length) of a piece's bytes, in the order they are checksummed."""
+        start, stop = self.blocks(piece)
+        out = []
+        for i in range(self.layers):
+            for name in self.store_names:
+                span = self.spans[f"layers.{i}.{name}"]
+                out.append((span.start + start * span.row_bytes, (stop - start) * span.row_bytes))
+        return out
+
+    def head_ranges(self) -> list[tuple[int, int]]:
+        return [(0, len(self.header))] + [self._whole(name) for name in ("token_ids", "document")]
+
+    def tail_ranges(self) -> list[tuple[int, int]]:
+        return [self._whole(f"layers.{i}.{name}") for i in range(self.layers) for name in ("open_keys", "open_values")]
+
+    def _whole(self, name: str) -> tuple[int, int]:
+        span = self.spans[name]
+        return span.start, span.end - span.start
+
+    def tensors(self, mm: mmap.mmap | None) -> dict[str, torch.Tensor]:
+        """Every tensor as a zero-copy view of the file's map."""
+        out = {}
+        for name, span in self.spans.items():
+            numel = (span.end - span.start) // span.dtype.itemsize
+            out[name] = (torch.frombuffer(mm, dtype=span.dtype, count=numel, offset=span.start).view(span.shape)
+                         if numel else torch.empty(span.shape, dtype=span.dtype))
+        return out
 
 
-def _write_part(fh, part: torch.Tensor) -> None:
-    if part.numel():
-        fh.write(part.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+def _crc(fd: int, ranges: list[tuple[int, int]], crc: int = 0) -> int:
+    """CRC-32 of the file's bytes in ranges, read in chunks (the page cache
+    holds them, not this process)."""
+    for offset, length in ranges:
+        while length:
+            chunk = os.pread(fd, min(length, _IO_CHUNK), offset)
+            if not chunk:
+                raise OSError(f"short read at {offset}")
+            crc = zlib.crc32(chunk, crc)
+            offset += len(chunk)
+            length -= len(chunk)
+    return crc
 
 
-def _map(path: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    """The lmqa metadata and every tensor as a zero-copy view of a private map."""
+def _bytes(t: torch.Tensor) -> memoryview:
+    return memoryview(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+
+
+def _pwrite(fd: int, data: memoryview, offset: int) -> None:
+    """Every write to a context file goes through here (one place to fail)."""
+    while len(data):
+        n = os.pwrite(fd, data, offset)
+        data, offset = data[n:], offset + n
+
+
+def _map_private(fd: int, size: int) -> mmap.mmap | None:
+    return mmap.mmap(fd, size, access=mmap.ACCESS_COPY) if size else None
+
+
+def _open_layout(path: Path, fh) -> _Layout:
+    """The layout a file's header describes, required to match the file byte
+    for byte (header) and in size; ContextError otherwise."""
+    size = os.fstat(fh.fileno()).st_size
+    bad = ContextError(f"{path} is not a complete lmqa context file (truncated, or another kind of file)")
+    if size < 8:
+        raise bad
+    (n,) = struct.unpack("<Q", fh.read(8))
+    if n > min(_MAX_HEADER, size - 8):
+        raise bad
+    raw = fh.read(n)
+    try:
+        extra = json.loads(raw).get("__metadata__") or {}
+    except (ValueError, AttributeError, UnicodeDecodeError):
+        raise bad from None
+    try:
+        meta = json.loads(extra["lmqa"])
+    except (KeyError, TypeError, ValueError):
+        meta = None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise ContextError(f"{path} is a safetensors file but not an lmqa context")
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise ContextError(f"{path} has context format version {meta.get('format_version')}; "
+                           f"this lmqa ({__version__}) reads version {FORMAT_VERSION}: ingest again")
+    try:
+        layout = _Layout(meta)
+    except (KeyError, TypeError, ValueError, AttributeError):
+        raise ContextError(f"{path}: its lmqa metadata is incomplete or inconsistent") from None
+    if layout.header != struct.pack("<Q", n) + raw or layout.size != size:
+        raise bad
+    return layout
+
+
+def _map(path: Path, verify: bool = False) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """The lmqa metadata and every tensor as a zero-copy view of a private
+    map; verify: check every checksum first (reads the whole file once)."""
     try:
         fh = open(path, "rb")
     except OSError as e:
         raise ContextError(f"{path}: {e.strerror}") from None
     with fh:
-        size = os.fstat(fh.fileno()).st_size
-        bad = ContextError(f"{path} is not a complete lmqa context file (truncated, or another kind of file)")
-        if size < 8:
-            raise bad
-        (n,) = struct.unpack("<Q", fh.read(8))
-        if n > min(_MAX_HEADER, size - 8):
-            raise bad
+        layout = _open_layout(path, fh)
+        if verify:
+            _verify(path, fh.fileno(), layout)
+        mm = _map_private(fh.fileno(), layout.size)
+    return layout.meta, layout.tensors(mm)
+
+
+def _stored_checksums(fd: int, layout: _Layout) -> list[int]:
+    span = layout.spans["checksums"]
+    return list(struct.unpack(f"<{layout.n_pieces + 2}q", os.pread(fd, span.end - span.start, span.start)))
+
+
+def _verify(path: Path, fd: int, layout: _Layout) -> None:
+    stored = _stored_checksums(fd, layout)
+    if stored[-1] == 0:
+        raise ContextError(f"{path} is an unfinished ingest, not a context file: finish it with `lmqa ingest ... --resume`")
+    checks = [("header and document", layout.head_ranges())]
+    checks += [(f"blocks {a}-{b - 1}", layout.piece_ranges(j)) for j in range(layout.n_pieces) for a, b in [layout.blocks(j)]]
+    checks += [("open block", layout.tail_ranges())]
+    for (what, ranges), want in zip(checks, stored):
+        if _crc(fd, ranges) + 1 != want:
+            raise ContextError(f"{path} is corrupt (checksum mismatch in its {what}): ingest the document again")
+
+
+class ContextWriter:
+    """Writes one context file piece by piece (see the module docstring):
+    the header, token ids and document first, then each piece of blocks,
+    each followed by its checksum, then the open block. `resume=True` keeps
+    a file that already has this exact header and document, and every piece
+    whose checksum verifies; `done` says how many."""
+
+    def __init__(self, path: Path, meta: dict[str, Any], token_ids: list[int], document: bytes, resume: bool = False):
+        self.path = Path(path)
+        self.layout = _Layout(meta)
+        ids = torch.tensor(token_ids, dtype=torch.int64)
+        head = [self.layout.header, bytes(_bytes(ids)), document]
+        self.head_crc = 0
+        for part in head:
+            self.head_crc = zlib.crc32(part, self.head_crc)
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
         try:
-            header = json.loads(fh.read(n))
-            extra = header.pop("__metadata__", None) or {}
-            spans = {name: (_BY_NAME[info["dtype"]], info["shape"], *info["data_offsets"]) for name, info in header.items()}
-        except (ValueError, KeyError, TypeError, AttributeError):
-            raise bad from None
-        data = size - 8 - n
-        if max((end for *_, end in spans.values()), default=0) != data:
-            raise bad
-        try:
-            meta = json.loads(extra["lmqa"])
-        except (KeyError, TypeError, ValueError):
-            meta = None
-        if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-            raise ContextError(f"{path} is a safetensors file but not an lmqa context")
-        if meta.get("format_version") != FORMAT_VERSION:
-            raise ContextError(f"{path} has context format version {meta.get('format_version')}; "
-                               f"this lmqa ({__version__}) reads version {FORMAT_VERSION}: ingest again")
-        mm = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_COPY) if data else None
-    tensors = {}
-    for name, (dtype, shape, start, end) in spans.items():
-        count = end - start
-        numel = 1
-        for dim in shape:
-            numel *= dim
-        if count != numel * dtype.itemsize:
-            raise bad
-        tensors[name] = (torch.frombuffer(mm, dtype=dtype, count=numel, offset=8 + n + start).view(shape)
-                         if numel else torch.empty(shape, dtype=dtype))
-    return meta, tensors
+            self.done = self._resumable() if resume else 0
+            if not self.done:
+                self._start(head)
+            self.mm = _map_private(self.fd, self.layout.size)
+            self.tensors = self.layout.tensors(self.mm)
+        except BaseException:
+            os.close(self.fd)
+            raise
+
+    def _resumable(self) -> int:
+        """Pieces already written and intact (0: start over). The last piece
+        is never counted: the open block after it was not saved."""
+        lay = self.layout
+        if os.fstat(self.fd).st_size != lay.size or os.pread(self.fd, len(lay.header), 0) != lay.header:
+            return 0
+        stored = _stored_checksums(self.fd, lay)
+        if stored[0] != self.head_crc + 1 or _crc(self.fd, lay.head_ranges()) != self.head_crc:
+            return 0
+        done = 0
+        while done < lay.n_pieces - 1 and stored[done + 1] == _crc(self.fd, lay.piece_ranges(done)) + 1:
+            done += 1
+        return done
+
+    def _start(self, head: list[bytes]) -> None:
+        lay = self.layout
+        os.ftruncate(self.fd, 0)
+        os.ftruncate(self.fd, lay.size)
+        try:  # claim the disk space now: a full disk fails here, not an hour in
+            os.posix_fallocate(self.fd, 0, lay.size)
+        except OSError as e:
+            if e.errno not in (getattr(os, "EOPNOTSUPP", 95), 22):  # file systems without it: write sparse
+                raise
+        _pwrite(self.fd, memoryview(head[0]), 0)
+        _pwrite(self.fd, memoryview(head[1]), lay.spans["token_ids"].start)
+        _pwrite(self.fd, memoryview(head[2]), lay.spans["document"].start)
+        self._checksum(0, self.head_crc)
+
+    def _checksum(self, index: int, crc: int) -> None:
+        """Record a part as written, after its bytes are on disk."""
+        os.fdatasync(self.fd)
+        _pwrite(self.fd, memoryview(struct.pack("<q", crc + 1)), self.layout.spans["checksums"].start + 8 * index)
+
+    def write_piece(self, piece: int, exports: list[dict[str, list[torch.Tensor]]]) -> None:
+        """exports: per layer, store.export() of exactly this piece's blocks."""
+        lay = self.layout
+        crc = 0
+        ranges = iter(lay.piece_ranges(piece))
+        for export in exports:
+            for name in lay.store_names:
+                offset, length = next(ranges)
+                for part in export[name]:
+                    data = _bytes(part)
+                    _pwrite(self.fd, data, offset)
+                    crc = zlib.crc32(data, crc)
+                    offset += len(data)
+                    length -= len(data)
+                if length:
+                    raise ValueError(f"piece {piece}: {name} has {length} bytes too few")
+        self._checksum(1 + piece, crc)
+
+    def saved(self, layer: int, n_blocks: int) -> dict[str, torch.Tensor]:
+        """A layer's first n_blocks as written, as views of the file's map
+        (for LayerBlockStore(saved=...) and LayerBlockStore.freeze)."""
+        return {name: self.tensors[f"layers.{layer}.{name}"][:n_blocks] for name in self.layout.store_names}
+
+    def release_pages(self) -> None:
+        """Drop this process's mapping of the pages read so far (they stay
+        in the page cache): what retrieval touched must not add up in RSS."""
+        if self.mm is not None:
+            self.mm.madvise(mmap.MADV_DONTNEED)
+
+    def finish(self, open_keys: list[torch.Tensor], open_values: list[torch.Tensor]) -> None:
+        """Write the open block ([Hkv, p, d] per layer) and the completing
+        checksum, and flush everything to disk."""
+        crc = 0
+        for i, (k, v) in enumerate(zip(open_keys, open_values)):
+            for name, t in (("open_keys", k), ("open_values", v)):
+                data = _bytes(t)
+                _pwrite(self.fd, data, self.layout.spans[f"layers.{i}.{name}"].start)
+                crc = zlib.crc32(data, crc)
+        self._checksum(self.layout.n_pieces + 1, crc)
+        os.fsync(self.fd)
+
+    def close(self) -> None:
+        """Close the file; the map (and tensors viewing it) stays valid."""
+        os.close(self.fd)
 
 
 # ----- what a session becomes on disk -----
-def _document_json(session: DocumentSession) -> dict[str, Any]:
+def document_bytes(session: DocumentSession) -> bytes:
+    """The document tensor's bytes: everything about the document but its
+    token ids (no timings: see the module docstring)."""
+    session.prepare()  # the source map and prompt head come from tokenizing
     doc = session.document
-    return {"source": doc.source, "kind": session.kind, "text": doc.text,
-            "segments": [asdict(s) for s in doc.segments], "skipped": doc.skipped.by_reason, "warnings": doc.warnings,
-            "doc_token_start": session.doc_token_start,
-            "sources": [[s.block, s.char_start, s.char_end, s.snippet, [list(asdict(loc).values()) for loc in s.locations]]
-                        for s in session.sources.values()],
-            "stats": asdict(session.stats) if session.stats else None}
+    return json.dumps({"source": doc.source, "kind": session.kind, "text": doc.text,
+                       "segments": [asdict(s) for s in doc.segments], "skipped": doc.skipped.by_reason,
+                       "warnings": doc.warnings, "doc_token_start": session.doc_token_start,
+                       "sources": [[s.block, s.char_start, s.char_end, s.snippet, [list(asdict(loc).values()) for loc in s.locations]]
+                                   for s in session.sources.values()]}).encode()
 
 
-def _document_from(raw: dict[str, Any]) -> tuple[Document, dict[int, BlockSource], IngestStats | None]:
+def _document_from(raw: dict[str, Any]) -> tuple[Document, dict[int, BlockSource]]:
     doc = Document(raw["source"], raw["text"], [Segment(**s) for s in raw["segments"]],
                    SkipReport(raw["skipped"]), list(raw["warnings"]))
     sources = {block: BlockSource(block, start, end, snippet, tuple(Location(*loc) for loc in locs))
                for block, start, end, snippet, locs in raw["sources"]}
-    return doc, sources, IngestStats(**raw["stats"]) if raw["stats"] else None
+    return doc, sources
 
 
 def _settings(engine: LandmarkEngine) -> dict[str, Any]:
@@ -249,20 +467,45 @@ def _settings(engine: LandmarkEngine) -> dict[str, Any]:
             "dtype": str(engine.dtype).removeprefix("torch.")}
 
 
+def piece_blocks(engine: LandmarkEngine, piece_bytes: int | None = None) -> int:
+    """Blocks per checksummed piece: about piece_bytes (default PIECE_BYTES) of block keys/values,
+    and a whole number of prefill chunks, so feeding a document piece by
+    piece chunks it exactly as feeding it at once does."""
+    c = engine.config
+    heads, b, d, layers = engine.n_kv, c.block_size, engine.head_dim, len(engine.stores)
+    per_block = layers * heads * (2 * b * d * engine.kv_dtype.itemsize + d * engine.dtype.itemsize
+                                  + (2 * b * 4 if engine.kv_dtype == torch.int8 else 0))
+    chunk_blocks = c.prefill_chunk // c.slot if c.prefill_chunk % c.slot == 0 else 1
+    return max(1, (piece_bytes or PIECE_BYTES) // (per_block * chunk_blocks)) * chunk_blocks
+
+
+def metadata(session: DocumentSession, n_tokens: int, document: bytes, blocks_per_piece: int) -> dict[str, Any]:
+    """The lmqa metadata of the session's document state at n_tokens tokens
+    (every shape in the file follows from it)."""
+    engine = session.engine
+    return {"format": FORMAT, "format_version": FORMAT_VERSION, "lmqa_version": __version__,
+            "model": asdict(ModelIdentity.of(session.loaded)), "settings": _settings(engine),
+            "kv_dtype": kv_dtype_name(engine.kv_dtype), "n_tokens": n_tokens,
+            "n_blocks": n_tokens // engine.config.block_size, "document_bytes": len(document),
+            "piece_blocks": blocks_per_piece}
+
+
 def save(session: DocumentSession, path: Path) -> int:
     """Write the session's document state to path atomically; returns bytes written."""
     engine = session.engine
     mark = session.document_mark
-    entries = [_Entry("token_ids", [torch.tensor(session.token_ids, dtype=torch.int64)]),
-               _Entry("document", [torch.frombuffer(bytearray(json.dumps(_document_json(session)).encode()), dtype=torch.uint8)])]
-    for i, store in enumerate(engine.stores):
-        entries += [_Entry(f"layers.{i}.{name}", parts) for name, parts in store.export(mark.n_blocks).items()]
-        entries += [_Entry(f"layers.{i}.open_keys", [mark.open_keys[i][0]]),
-                    _Entry(f"layers.{i}.open_values", [mark.open_values[i][0]])]
-    meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "lmqa_version": __version__,
-            "model": asdict(ModelIdentity.of(session.loaded)), "settings": _settings(engine),
-            "kv_dtype": kv_dtype_name(engine.kv_dtype), "n_tokens": mark.n_tokens, "n_blocks": mark.n_blocks}
-    return _write(Path(path), entries, meta)
+    document = document_bytes(session)
+    meta = metadata(session, mark.n_tokens, document, piece_blocks(engine))
+    with atomic_path(Path(path)) as tmp:
+        writer = ContextWriter(tmp, meta, session.token_ids, document)
+        try:
+            for piece in range(writer.layout.n_pieces):
+                start, stop = writer.layout.blocks(piece)
+                writer.write_piece(piece, [store.export(stop, start) for store in engine.stores])
+            writer.finish([k[0] for k in mark.open_keys], [v[0] for v in mark.open_values])
+        finally:
+            writer.close()
+    return writer.layout.size
 
 
 @dataclass(frozen=True)
@@ -291,7 +534,7 @@ def _info(path: Path, meta: dict[str, Any]) -> ContextInfo:
 
 
 def peek(path: Path) -> ContextInfo:
-    """The file's description (validated, nothing but the header read)."""
+    """The file's description (header and size validated, nothing else read)."""
     return _info(path, _map(Path(path))[0])
 
 
@@ -315,7 +558,7 @@ def check_compatible(info: ContextInfo, loaded: LoadedModel) -> None:
 def load(path: Path, loaded: LoadedModel, offload: str = "cpu") -> DocumentSession:
     """A DocumentSession at the saved document state, block keys/values read
     in place from the file's memory map (see the module docstring)."""
-    meta, tensors = _map(Path(path))
+    meta, tensors = _map(Path(path), verify=True)
     info = _info(path, meta)
     check_compatible(info, loaded)
     engine = LandmarkEngine(loaded.model, loaded.landmark, offload=offload, kv_dtype=parse_kv_dtype(info.kv_dtype))
@@ -326,10 +569,10 @@ def load(path: Path, loaded: LoadedModel, offload: str = "cpu") -> DocumentSessi
         engine.restore(stores, [tensors[f"layers.{i}.open_keys"][None] for i in layers],
                        [tensors[f"layers.{i}.open_values"][None] for i in layers], info.n_tokens, RetrievalTrace())
         raw = json.loads(bytes(tensors["document"].numpy()))
-        document, sources, stats = _document_from(raw)
+        document, sources = _document_from(raw)
         ids = tensors["token_ids"].tolist()
     except (KeyError, ValueError, TypeError) as e:
         raise ContextError(f"{path}: inconsistent context file ({e})") from None
     if engine.n_blocks != info.n_blocks or engine.n_tokens != len(ids):
         raise ContextError(f"{path}: inconsistent context file (block or token counts disagree)")
-    return DocumentSession.restored(loaded, engine, document, raw["kind"], ids, raw["doc_token_start"], sources, stats)
+    return DocumentSession.restored(loaded, engine, document, raw["kind"], ids, raw["doc_token_start"], sources, None)
