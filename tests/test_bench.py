@@ -12,6 +12,7 @@ from lmqa.cli import app
 from lmqa.manifest import DEFAULT_MODEL, list_manifests
 
 from conftest import make_tiny_llama
+from test_cli import passkey_with_known_answers
 from test_engine import make_engine, random_ids
 
 
@@ -64,9 +65,16 @@ def test_models_pull_unknown_is_a_clean_error():
     assert res.exit_code == 1 and "unknown model 'no-such-model'" in res.output and "Traceback" not in res.output
 
 
-def test_passkey_full_attention_baseline(tiny_model_dir):
-    res = invoke("passkey", "-m", tiny_model_dir, "--length", 200, "--trials", 2, "--attention", "full", "--device", "cpu")
-    assert res.exit_code == 0, res.output
-    assert "full attention" in res.output and re.search(r"accuracy: \d+/2 = \d+% at 200 tokens", res.output)
+def test_passkey_full_attention_baseline(tiny_model_dir, monkeypatch):
+    """--attention full runs transformers' generation (here with known answers:
+    the first right, the second wrong) and scores it like the engine's."""
+    res, keys = passkey_with_known_answers(CliRunner(), monkeypatch, tiny_model_dir, ["right", "wrong"],
+                                           "--attention", "full")
+    flat = " ".join(res.output.split())
+    assert "full attention" in flat and "accuracy: 1/2 = 50% at 200 tokens" in flat
+    assert f"trial 2: key {keys[1]}, answer {keys[1] + 1} (wrong)" in flat
+    monkeypatch.undo()
+    res = invoke("passkey", "-m", tiny_model_dir, "--length", 200, "--trials", 1, "--attention", "full", "--device", "cpu")
+    assert res.exit_code == 0 and re.search(r"accuracy: \d/1 = \d+% at 200 tokens", res.output), res.output
     res = invoke("passkey", "-m", tiny_model_dir, "--length", 200, "--attention", "sparse")
     assert res.exit_code == 1 and "--attention must be landmark or full" in res.output

@@ -40,7 +40,9 @@ def error_text(res) -> str:
 
 
 def assert_clean_error(res, *fragments, code=1):
-    """Non-zero exit, no traceback, one "error:" message holding every fragment."""
+    """Non-zero exit, no traceback, one "error:" message holding every fragment
+    (at least one: an error that says nothing useful must not pass)."""
+    assert fragments, "name what the error message must say"
     out = res.output
     assert res.exit_code == code, out
     assert res.exception is None or isinstance(res.exception, SystemExit), repr(res.exception)
@@ -80,7 +82,48 @@ def test_command_help(runner):
 
 
 # ----- working runs on the tiny model -----
+class KnownAnswers:
+    """Stands in for a generation function: reads the key from the prompt and
+    answers as scripted per trial ("right", "wrong" or "none"), in the
+    token ids a model would produce, so the CLI's scoring is what is tested."""
+
+    def __init__(self, tokenizer, script):
+        self.tok, self.script, self.keys = tokenizer, list(script), []
+
+    def __call__(self, engine_or_model, ids, *args, **kwargs):
+        key = int(re.search(r"The pass key is (\d+)\.", self.tok.decode(ids)).group(1))
+        self.keys.append(key)
+        text = {"right": f" {key}. Remember it.", "wrong": f" {key + 1}.", "none": " I do not know."}[self.script.pop(0)]
+        return self.tok(text, add_special_tokens=False).input_ids
+
+
+def passkey_with_known_answers(runner, monkeypatch, model_dir, script, *args):
+    """`lmqa passkey` over len(script) trials with generation replaced by KnownAnswers;
+    returns (result, the keys the prompts held)."""
+    from transformers import AutoTokenizer
+
+    import lmqa.generation
+
+    known = KnownAnswers(AutoTokenizer.from_pretrained(model_dir), script)
+    monkeypatch.setattr(lmqa.generation, "generate", known)
+    monkeypatch.setattr(lmqa.generation, "generate_full_attention", known)
+    res = run(runner, "passkey", "--model", model_dir, "--length", 200, "--trials", len(script), "--device", "cpu", *args)
+    assert_ok(res)
+    return res, known.keys
+
+
+def test_passkey_counts_right_answers(runner, tiny_model_dir, monkeypatch):
+    res, keys = passkey_with_known_answers(runner, monkeypatch, tiny_model_dir, ["right", "wrong", "right", "none"])
+    flat = " ".join(res.output.split())
+    assert "accuracy: 2/4 = 50% at 200 tokens" in flat
+    assert f"trial 1: key {keys[0]}, answer {keys[0]} (ok)" in flat
+    assert f"trial 2: key {keys[1]}, answer {keys[1] + 1} (wrong)" in flat
+    assert f"trial 4: key {keys[3]}, answer None (wrong)" in flat
+    assert len(set(keys)) == 4
+
+
 def test_passkey_runs(runner, tiny_model_dir):
+    """The real engine end to end (the random model's answer is anyone's guess)."""
     res = run(runner, "passkey", "--model", tiny_model_dir, "--length", 300, "--trials", 1, "--device", "cpu")
     assert_ok(res)
     m = re.search(r"accuracy: (\d+)/1 = (\d+)% at 300 tokens", res.output)
@@ -199,7 +242,8 @@ def test_adapter_dir_with_broken_meta(runner, tmp_path):
     d = tmp_path / "adapter"
     d.mkdir()
     (d / "lmqa.json").write_text('{"block_size": 8')
-    assert_clean_error(run(runner, "passkey", "--length", 300, "--model", d, "--device", "cpu"))
+    res = run(runner, "passkey", "--length", 300, "--model", d, "--device", "cpu")
+    assert_clean_error(res, str(d / "lmqa.json"), "not a valid lmqa adapter description")
 
 
 def test_not_a_gguf_file(runner, tmp_path):
