@@ -41,12 +41,14 @@ CORPUS = [
 
 
 def pytest_collection_modifyitems(config, items):
-    if SLOW:
-        return
-    skip = pytest.mark.skip(reason="uses the real default model; set LMQA_SLOW=1 (or CI=true) to run")
+    skip_slow = pytest.mark.skip(reason="uses the real default model; set LMQA_SLOW=1 (or CI=true) to run")
+    skip_cuda = pytest.mark.skip(reason="needs a CUDA device")
+    cuda = torch.cuda.is_available()
     for item in items:
-        if "slow" in item.keywords:
-            item.add_marker(skip)
+        if "slow" in item.keywords and not SLOW:
+            item.add_marker(skip_slow)
+        if "cuda" in item.keywords and not cuda:
+            item.add_marker(skip_cuda)
 
 
 @pytest.fixture(autouse=True)
