@@ -21,9 +21,19 @@ def blocks(m, start=0):
     return keys, keys + 0.5
 
 
-@pytest.fixture(params=["cpu", "device"])
+@pytest.fixture(params=[("cpu", "cpu"), pytest.param(("cpu", "cuda"), marks=pytest.mark.cuda),
+                        pytest.param(("device", "cuda"), marks=pytest.mark.cuda)], ids=lambda p: "-on-".join(p))
 def store(request):
-    return LayerBlockStore(HKV, B, D, torch.float32, torch.device("cpu"), offload=request.param)
+    """A store per real code path. On a CPU-only machine offload="device" takes
+    the same path as offload="cpu" (same device, no pinning), so it is left to
+    the CUDA cases: block keys/values in pinned host memory, or on the GPU."""
+    offload, device = request.param
+    return LayerBlockStore(HKV, B, D, torch.float32, torch.device(device), offload=offload)
+
+
+def on(store, t: torch.Tensor) -> torch.Tensor:
+    """t moved to the store's compute device (gather's block ids live there)."""
+    return t.to(store.device)
 
 
 def test_append_and_views(store):
@@ -31,14 +41,14 @@ def test_append_and_views(store):
     k, v = blocks(3)
     store.append(k, v)
     assert len(store) == 3
-    assert torch.equal(store.landmark_keys.view(), k[:, :, -1])
-    assert torch.equal(store.keys.view(torch.float32), k[:, :, :-1])
-    assert torch.equal(store.values.view(torch.float32), v[:, :, :-1])
+    assert torch.equal(store.landmark_keys.view().cpu(), k[:, :, -1])
+    assert torch.equal(store.keys.view(torch.float32).cpu(), k[:, :, :-1])
+    assert torch.equal(store.values.view(torch.float32).cpu(), v[:, :, :-1])
     k2, v2 = blocks(2, start=3)
     store.append(k2, v2)
     assert len(store) == 5
-    assert torch.equal(store.keys.view(torch.float32)[3:], k2[:, :, :-1])
-    assert torch.equal(store.landmark_keys.view()[:3], k[:, :, -1])
+    assert torch.equal(store.keys.view(torch.float32).cpu()[3:], k2[:, :, :-1])
+    assert torch.equal(store.landmark_keys.view().cpu()[:3], k[:, :, -1])
 
 
 def test_growth_past_initial_capacity(store):
@@ -51,16 +61,16 @@ def test_growth_past_initial_capacity(store):
         assert len(store) == total
         assert store.keys.codes.data.shape[0] >= total
     k_all, v_all = blocks(total)
-    assert torch.equal(store.keys.view(torch.float32), k_all[:, :, :-1])
-    assert torch.equal(store.values.view(torch.float32), v_all[:, :, :-1])
-    assert torch.equal(store.landmark_keys.view(), k_all[:, :, -1])
+    assert torch.equal(store.keys.view(torch.float32).cpu(), k_all[:, :, :-1])
+    assert torch.equal(store.values.view(torch.float32).cpu(), v_all[:, :, :-1])
+    assert torch.equal(store.landmark_keys.view().cpu(), k_all[:, :, -1])
 
 
 def test_gather_per_head(store):
     k, v = blocks(20)
     store.append(k, v)
     ids = torch.tensor([[0, 5, 19], [3, 4, 7], [19, 18, 1]])  # each head its own blocks (any order)
-    gk, gv, glm = store.gather(ids)
+    gk, gv, glm = (t.cpu() for t in store.gather(on(store, ids)))
     assert gk.shape == (HKV, 3, B, D) and gv.shape == (HKV, 3, B, D) and glm.shape == (HKV, 3, D)
     for h in range(HKV):
         for j in range(3):
@@ -68,13 +78,13 @@ def test_gather_per_head(store):
             assert torch.equal(gk[h, j], k[blk, h, :-1])
             assert torch.equal(gv[h, j], v[blk, h, :-1])
             assert torch.equal(glm[h, j], k[blk, h, -1])
-    assert gk.device == store.device
+    assert all(t.device.type == store.device.type for t in store.gather(on(store, ids)))
 
 
 def test_gather_one_block_per_head(store):
     k, v = blocks(4)
     store.append(k, v)
-    gk, gv, glm = store.gather(torch.tensor([[2], [0], [3]]))
+    gk, gv, glm = (t.cpu() for t in store.gather(on(store, torch.tensor([[2], [0], [3]]))))
     assert torch.equal(gk[:, 0], torch.stack([k[2, 0, :-1], k[0, 1, :-1], k[3, 2, :-1]]))
     assert torch.equal(glm[:, 0], torch.stack([k[2, 0, -1], k[0, 1, -1], k[3, 2, -1]]))
 
@@ -84,28 +94,32 @@ def test_truncate_then_append_overwrites(store):
     store.append(k, v)
     store.truncate(4)
     assert len(store) == 4
-    assert store.keys.view(torch.float32).shape[0] == store.values.view(torch.float32).shape[0] == 4
-    with pytest.raises(IndexError):
-        store.gather(torch.tensor([[5], [0], [0]]))
+    assert store.keys.view(torch.float32).cpu().shape[0] == store.values.view(torch.float32).cpu().shape[0] == 4
+    if store.device.type == "cpu":  # a CUDA index error is an asynchronous device assert
+        with pytest.raises(IndexError):
+            store.gather(torch.tensor([[5], [0], [0]]))
     k2, v2 = blocks(3, start=50)
     store.append(k2, v2)
     assert len(store) == 7
-    assert torch.equal(store.keys.view(torch.float32)[4:], k2[:, :, :-1])
-    assert torch.equal(store.landmark_keys.view()[4:], k2[:, :, -1])
-    assert torch.equal(store.keys.view(torch.float32)[:4], k[:4, :, :-1])
+    assert torch.equal(store.keys.view(torch.float32).cpu()[4:], k2[:, :, :-1])
+    assert torch.equal(store.landmark_keys.view().cpu()[4:], k2[:, :, -1])
+    assert torch.equal(store.keys.view(torch.float32).cpu()[:4], k[:4, :, :-1])
     store.truncate(100)  # never grows
     assert len(store) == 7
     store.truncate(0)
     assert len(store) == 0
 
 
-def test_bytes_on(store):
+@pytest.mark.parametrize("offload", ["cpu", "device"])
+def test_bytes_on(offload):
+    """The accounting differs by setting even where the memory is the same RAM."""
+    store = LayerBlockStore(HKV, B, D, torch.float32, torch.device("cpu"), offload=offload)
     assert store.bytes_on() == {"device": 0, "host": 0}
     k, v = blocks(5)
     store.append(k, v)
     landmarks = 5 * HKV * D * 4
     block_kv = 2 * 5 * HKV * B * D * 4
-    if store.offload == "cpu":
+    if offload == "cpu":
         assert store.bytes_on() == {"device": landmarks, "host": block_kv}
     else:
         assert store.bytes_on() == {"device": landmarks + block_kv, "host": 0}
@@ -123,10 +137,40 @@ def test_dtype_conversion_on_append():
 
 
 def test_offload_placement():
+    """Without CUDA nothing is pinned (pinning needs a CUDA host allocator)."""
     cpu = LayerBlockStore(HKV, B, D, torch.float32, torch.device("cpu"), offload="cpu")
     assert cpu.keys.device.type == "cpu" and cpu.values.device.type == "cpu"
+    assert not cpu.keys.codes.pin and not cpu.keys.codes.data.is_pinned()
     with pytest.raises(ValueError):
         LayerBlockStore(HKV, B, D, torch.float32, torch.device("cpu"), offload="disk")
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("kv", ["bf16", "int8"])
+def test_cuda_placement_pinning_and_growth(kv):
+    """offload cpu on a CUDA device: codes (and int8 scales) in pinned host
+    memory, also after growing past the initial capacity; landmark keys and
+    gathered blocks on the GPU in the compute dtype. offload device: all on the GPU."""
+    dev = torch.device("cuda")
+    dtype = parse_kv_dtype(kv)
+    for offload in ("cpu", "device"):
+        s = LayerBlockStore(HKV, B, D, torch.float32, dev, offload=offload, kv_dtype=dtype)
+        k, v = random_blocks(40)  # > the initial capacity of 16: reallocated
+        s.append(k.to(dev), v.to(dev))
+        parts = [s.keys.codes.data, s.values.codes.data] + ([s.keys.scales.data] if kv == "int8" else [])
+        for t in parts:
+            if offload == "cpu":
+                assert t.device.type == "cpu" and t.is_pinned()
+            else:
+                assert t.device.type == "cuda"
+        assert s.keys.codes.dtype == dtype and s.landmark_keys.data.device.type == "cuda"
+        gk, gv, glm = s.gather(torch.tensor([[0, 39], [5, 6], [17, 30]], device=dev))
+        assert all(t.device.type == "cuda" and t.dtype == torch.float32 for t in (gk, gv, glm))
+        cpu = LayerBlockStore(HKV, B, D, torch.float32, torch.device("cpu"), kv_dtype=dtype)
+        cpu.append(k, v)
+        want = cpu.gather(torch.tensor([[0, 39], [5, 6], [17, 30]]))
+        for got, ref in zip((gk, gv, glm), want):
+            assert torch.equal(got.cpu(), ref)
 
 
 # ----- storage dtypes -----

@@ -222,20 +222,63 @@ def test_selection_matches_independent_scoring(model, monkeypatch):
     assert checked > 20
 
 
-# ----- offload -----
-def test_cpu_offload_equals_device_store(model):
-    b, n = 4, 42
+# ----- dtypes and offload -----
+def _decode_run(engine, ids, prompt):
+    """Logits after the prompt, then after each later token fed one by one: [n - prompt + 1, vocab]."""
+    return torch.stack([engine.feed(ids[:prompt])] + [engine.feed([t]) for t in ids[prompt:]]).cpu()
+
+
+def test_bfloat16_engine_matches_float64_reference(model):
+    """The default on CPUs with native bf16 (and on CUDA): the engine in
+    bfloat16 (weights, attention, block store) against the training form in
+    float64 with the same bf16-rounded weights. bf16 keeps 8 bits of mantissa,
+    so a few percent of the logits' scale; a retrieval mistake (top_k 2 here)
+    is off by the whole scale."""
+    import copy
+
+    b, n, prompt = 4, 42, 30
     ids = random_ids(n, seed=21)
-    logits = {}
-    engines = {}
+    bf16 = copy.deepcopy(model).to(torch.bfloat16)
+    ref = training_form_logits(copy.deepcopy(bf16).double(), ids, b)[prompt - 1 :]
+    engine = make_engine(bf16, b, top_k=64, chunk=2 * (b + 1))
+    got = _decode_run(engine, ids, prompt)
+    assert engine.dtype == engine.kv_dtype == engine.stores[0].keys.codes.dtype == torch.bfloat16
+    assert got.dtype == torch.float32
+    scale = ref.abs().max().item()
+    assert max_diff(got, ref) <= 0.03 * scale
+    assert max_diff(_decode_run(make_engine(bf16, b, top_k=2, chunk=2 * (b + 1)), ids, prompt), ref) > 0.2 * scale
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-3), (torch.bfloat16, 0.03)])
+def test_cuda_offloaded_and_device_stores_match_cpu_reference(model, dtype, tol):
+    """The tiny model on the GPU: block keys/values in pinned host memory
+    (offload cpu) or on the GPU (offload device), landmark keys on the GPU in
+    both; the two give the same retrieval and logits, within tol (relative to
+    the logits' scale) of a float64 CPU reference with the same weights."""
+    import copy
+
+    b, n, prompt = 4, 42, 30
+    ids = random_ids(n, seed=21)
+    gpu = copy.deepcopy(model).to("cuda", dtype)
+    ref = training_form_logits(copy.deepcopy(gpu).cpu().double(), ids, b)[prompt - 1 :]
+    runs = {}
     for where in ("cpu", "device"):
-        engine = make_engine(model, b, top_k=2, chunk=2 * (b + 1), offload=where)
-        outs = [engine.feed(ids[:35])] + [engine.feed([t]) for t in ids[35:]]
-        logits[where] = torch.stack(outs)
-        engines[where] = engine
-    assert torch.equal(logits["cpu"], logits["device"])
-    for a, c in zip(engines["cpu"].trace.steps, engines["device"].trace.steps):
+        engine = make_engine(gpu, b, top_k=64, chunk=2 * (b + 1), offload=where)
+        runs[where] = (_decode_run(engine, ids, prompt), engine)
+        store = engine.stores[0]
+        assert store.landmark_keys.data.device.type == "cuda"
+        data = store.keys.codes.data
+        if where == "cpu":
+            assert data.device.type == "cpu" and data.is_pinned() and store.values.codes.data.is_pinned()
+        else:
+            assert data.device.type == "cuda"
+        assert all(t.device.type == "cuda" for t in store.gather(torch.zeros(engine.n_kv, 1, dtype=torch.long, device="cuda")))
+    (cpu_logits, cpu_engine), (dev_logits, dev_engine) = runs["cpu"], runs["device"]
+    assert torch.equal(cpu_logits, dev_logits)
+    for a, c in zip(cpu_engine.trace.steps, dev_engine.trace.steps):
         assert torch.equal(a.block_ids, c.block_ids)
+    assert max_diff(cpu_logits, ref) <= tol * ref.abs().max().item()
 
 
 def test_memory_accounting(model):
