@@ -178,6 +178,77 @@ def passkey(
     console.print(f"accuracy: {correct}/{trials} = {100 * correct / trials:.0f}% at {length:,} tokens")
 
 
+# ----- eval -----
+@app.command("eval")
+@friendly
+def eval_command(
+    lengths: Annotated[str, typer.Option("--lengths", help="Comma-separated prompt lengths in tokens (needle and passkey tasks).")] = "4000,32000",
+    depths: Annotated[str, typer.Option("--depths", help="Comma-separated depths of the fact, in percent of the document.")] = "0,25,50,75,100",
+    trials: Annotated[int, typer.Option("--trials", "-t", min=1, help="Trials per length and depth.")] = 2,
+    tasks: Annotated[str, typer.Option("--tasks", help="Comma-separated: needle (fact QA in eval books), passkey, code (which file defines a function).")] = "needle,passkey,code",
+    seed: Annotated[int, typer.Option("--seed", help="Random seed for haystacks, needles, keys and placements (decoding is greedy).")] = 0,
+    out: Annotated[Path, typer.Option("--out", "-o", help="Directory for eval.json (every trial), eval.txt (the table) and eval.png (the heatmap).")] = Path("lmqa-eval"),
+    books: Annotated[Optional[Path], typer.Option("--books", help="Evaluation books (*.txt) for the needle haystacks (default: shared/books/eval of the repository).")] = None,
+    code: Annotated[Optional[Path], typer.Option("--code", help="Source tree for the code task (default: the lmqa package).")] = None,
+    code_tokens: Annotated[int, typer.Option("--code-tokens", min=256, help="Read the code tree's files up to this many tokens.")] = 16000,
+    baselines: Annotated[bool, typer.Option("--baselines/--no-baselines", help="Also run the base model over its window's worth of the prompt's end, and over all of it up to --max-full.")] = True,
+    baseline_model: Annotated[str, typer.Option("--baseline-model", help="The model the baselines run (full attention, no landmarks).")] = "smollm2-135m",
+    max_full: Annotated[int, typer.Option("--max-full", min=0, help="Run the full-attention baseline only on prompts up to this many tokens.")] = 8192,
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", min=1, help="Longest answer, in tokens.")] = 32,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the JSON result (summary and every trial) and nothing else on stdout.")] = False,
+    model: ModelOpt = None, quantize: QuantOpt = "none", device: DeviceOpt = "auto",
+    kv_offload: OffloadOpt = "cpu", top_k: TopKOpt = None,
+):
+    """Needle-QA, passkey and code grids (lengths x depths) with baselines: a table, a heatmap PNG and every trial as JSON."""
+    from .eval_report import report, summarize, table, write_outputs
+    from .evaluate import (CODE, TASKS, EvalError, Evaluator, Settings, books_dir, load_needles, parse_depths,
+                           read_books, read_code)
+
+    try:
+        sizes = tuple(int(x) for x in lengths.split(",") if x.strip())
+        chosen = tuple(t.strip() for t in tasks.split(",") if t.strip())
+    except ValueError:
+        raise UserError(f"--lengths must be comma-separated integers, not {lengths!r}") from None
+    if not sizes or min(sizes) < 256:
+        raise UserError("--lengths needs lengths of at least 256 tokens")
+    if not chosen or set(chosen) - set(TASKS):
+        raise UserError(f"--tasks must name some of {', '.join(TASKS)}, not {tasks!r}")
+    _output_path(out, "--out")
+    try:
+        depth_values = parse_depths(depths)
+        book_texts = read_books(books_dir(books)) if "needle" in chosen else []
+        loaded = _load(model, quantize, device, top_k, None)
+        engine = _engine(loaded, kv_offload)
+        base = _load(baseline_model, quantize, device, None, None) if baselines and chosen != ("passkey",) else None
+        window = base.model.config.max_position_embeddings if base is not None else 0
+        settings = Settings(sizes, depth_values, trials, seed, chosen, max_new_tokens, max_full, window, code_tokens)
+        code_tree = read_code(code or CODE, loaded.tokenizer, code_tokens) if "code" in chosen else None
+        evaluator = Evaluator(loaded, engine, settings, book_texts, load_needles(), base, code_tree)
+        progress, evaluator.progress = _prefill_bar(evaluator.positions(), "eval")
+        done = []
+        with progress:
+            for cell in evaluator.cells():
+                for t in evaluator.run(*cell):
+                    done.append(t)
+                    err.print(f"[dim]{t.task} {t.length:,} depth {100 * t.depth:g}% #{t.trial + 1} {t.method}: "
+                              f"{'ok' if t.correct else 'wrong'} in {t.seconds:.1f} s: {escape(t.answer[:70])!r}[/dim]",
+                              soft_wrap=True, highlight=False)
+    except EvalError as e:
+        raise UserError(str(e)) from None
+    rows = summarize(done)
+    title = f"lmqa eval: {loaded.name}, k={loaded.landmark.top_k}, b={loaded.landmark.block_size}, seed {seed}"
+    data = report(settings, done, loaded.name, base.name if base is not None else None)
+    try:
+        paths = write_outputs(out, data, rows, title)
+    except OSError as e:
+        raise UserError(f"{out}: could not write the results ({e.strerror or e})") from None
+    if as_json:
+        print(json.dumps(data, ensure_ascii=False))
+    else:
+        console.print(table(rows, title))
+    err.print(f"[dim]wrote {escape(', '.join(map(str, paths.values())))}[/dim]", soft_wrap=True)
+
+
 # ----- ask -----
 def _output_path(path: Optional[Path], flag: str) -> None:
     """Fail before the prefill, not after it, when an output cannot be written."""

@@ -1,0 +1,348 @@
+"""`lmqa eval`: does the answer come from the document, at any length and depth?
+
+Three tasks, each a grid of trials (NIAH/RULER style), all greedy and seeded
+per trial so a cell's results do not depend on which other cells run:
+
+* needle: one invented fact (prompts/eval_needles.jsonl, evaluation only)
+  written at a sentence boundary at the requested depth of a haystack cut
+  from the evaluation books, then asked through the same DocumentSession and
+  QA prompt as `lmqa ask`. Correct when an accepted answer appears in the
+  answer; the evidence passages are scored too (does one hold the fact?).
+  Baselines on the same prompt: the base model over what fits its window
+  (prompt head, the document's end, the question) and over all of it
+  where that fits --max-full.
+* passkey: the paper's test (passkey.py) on the same lengths and depths.
+* code: an invented function written into one file of a source tree (the
+  file at the requested depth), asked "which file defines ...".
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+import time
+from bisect import bisect_left
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .engine import LandmarkEngine
+from .evidence import passages
+from .generation import SamplingConfig, generate, generate_full_attention
+from .ingest import Document, IngestError, ingest
+from .ingest.document import DocumentBuilder
+from .loading import LoadedModel
+from .passkey import first_integer, make_case
+from .prompts import PROMPTS_DIR
+from .qa import DocumentSession, QAPrompt
+
+ROOT = Path(__file__).resolve().parent.parent
+NEEDLES = PROMPTS_DIR / "eval_needles.jsonl"
+BOOKS = Path("shared/books/eval")  # relative to the repository (or the directory above it)
+CODE = ROOT / "lmqa"
+TASKS = ("needle", "passkey", "code")
+# A sentence ends at . ! or ? (closing quotes and brackets included) followed
+# by space and a capital: "Mr. Darcy" aside, that is where a new sentence may go.
+SENTENCE_END = re.compile(r"[.!?][\"'’”)\]]*\s+(?=[\"'“‘(]?[A-Z])")
+GUTENBERG = re.compile(r"\*\*\* ?START OF.*?\*\*\*(.*?)(\*\*\* ?END OF|\Z)", re.S)
+
+
+class EvalError(Exception):
+    """Missing or unusable evaluation input; the message is one line for the user."""
+
+
+@dataclass(frozen=True)
+class Needle:
+    kind: str  # name, place, object, date, quantity, relation, quote; or code
+    fact: str  # the sentence (or, for code, the function's source) put into the haystack
+    question: str
+    answers: tuple[str, ...]  # any one of them in the answer counts; code needles are answered by their file
+    function: str | None = None
+
+
+def load_needles(path: Path = NEEDLES) -> list[Needle]:
+    """The evaluation needles; the file's first line is its eval-only notice."""
+    out = []
+    for line in path.read_text().splitlines():
+        record = json.loads(line)
+        if "fact" in record:
+            out.append(Needle(record["kind"], record["fact"], record["question"], tuple(record["answers"]),
+                              record.get("function")))
+    return out
+
+
+def is_correct(answer: str, accepted: tuple[str, ...] | list[str]) -> bool:
+    """Case-insensitive: an accepted answer occurs starting at a word
+    boundary; one ending in a digit must end at one too (11 is not in 1911,
+    but "frog" is in "frogs")."""
+    text = answer.lower()
+    for a in accepted:
+        tail = r"(?!\d)" if a[-1:].isdigit() else ""
+        if re.search(r"(?<!\w)" + re.escape(a.lower()) + tail, text):
+            return True
+    return False
+
+
+def books_dir(path: Path | None) -> Path:
+    """--books, or shared/books/eval beside or above the repository."""
+    candidates = [path] if path is not None else [ROOT / BOOKS, ROOT.parent / BOOKS]
+    for candidate in candidates:
+        if candidate.is_dir() and any(candidate.glob("*.txt")):
+            return candidate
+    raise EvalError(f"no evaluation books (*.txt) in {' or '.join(map(str, candidates))}; pass --books DIR")
+
+
+def read_books(directory: Path) -> list[str]:
+    """Every book's text without its Project Gutenberg header and licence."""
+    texts = []
+    for path in sorted(directory.glob("*.txt")):
+        text = path.read_text(encoding="utf-8", errors="replace")
+        match = GUTENBERG.search(text)
+        texts.append((match.group(1) if match else text).strip())
+    return texts
+
+
+@dataclass(frozen=True)
+class Haystack:
+    text: str
+    needle_start: int  # character span of the fact in text
+    needle_end: int
+    depth: float  # where the fact landed: ordinary tokens before it / tokens of the haystack
+
+
+def build_haystack(tokenizer, books: list[str], n_tokens: int, depth: float, fact: str,
+                   rng: random.Random) -> Haystack:
+    """About n_tokens of book text (fact included) starting at a random
+    sentence, with fact written at the sentence boundary nearest to depth."""
+    order = rng.sample(books, len(books))
+    text = "\n\n".join(order)
+    start = SENTENCE_END.search(text, rng.randrange(len(text)))
+    if start is not None:  # start at a sentence, wrap around to the beginning
+        text = text[start.end():] + "\n\n" + text[: start.end()]
+    need = max(n_tokens - len(tokenizer(" " + fact, add_special_tokens=False).input_ids), 1)
+    chars = need * 6 + 1000
+    while True:
+        piece = text[:chars]
+        offsets = tokenizer(piece, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+        if len(offsets) > need or chars >= len(text):
+            break
+        chars *= 2
+    if len(offsets) < need:
+        raise EvalError(f"the evaluation books hold {len(offsets):,} tokens, fewer than the {n_tokens:,} asked for")
+    cut = offsets[need - 1][1]
+    ends = [m.end() for m in SENTENCE_END.finditer(piece, 0, cut)]
+    hay = piece[: ends[-1] if ends else cut].rstrip()
+    starts = [s for s, _ in offsets]
+    n_hay = bisect_left(starts, len(hay))
+    target = len(hay) if depth >= 1 else starts[min(round(depth * n_hay), n_hay - 1)]
+    bounds = [0] + [e for e in ends if e < len(hay)] + [len(hay)]
+    i = bisect_left(bounds, target)
+    pos = min(bounds[max(i - 1, 0) : i + 1], key=lambda b: abs(b - target))
+    if pos == len(hay):
+        text, at = hay + " " + fact, len(hay) + 1
+    else:
+        text, at = hay[:pos] + fact + " " + hay[pos:], pos
+    return Haystack(text, at, at + len(fact), bisect_left(starts, pos) / max(n_hay, 1))
+
+
+def one_file(text: str, title: str) -> Document:
+    builder = DocumentBuilder(title)
+    builder.add(title, "file", text, header=False)
+    return builder.build()
+
+
+@dataclass(frozen=True)
+class CodeTree:
+    """Source files (path relative to the tree, text) up to a token budget."""
+
+    root: str
+    files: list[tuple[str, str]]
+
+
+def read_code(path: Path, tokenizer, max_tokens: int) -> CodeTree:
+    """The tree's files as `lmqa ask DIR` reads them, in its order, while
+    they fit max_tokens."""
+    try:
+        document = ingest(path)
+    except IngestError as e:
+        raise EvalError(str(e)) from None
+    files, total = [], 0
+    for segment in document.segments:
+        body = document.text[segment.char_start : segment.char_end]
+        total += len(tokenizer(body, add_special_tokens=False).input_ids) + 8  # + its "===== path =====" line
+        if files and total > max_tokens:
+            break
+        files.append((segment.title, body))
+    return CodeTree(str(path), files)
+
+
+def plant_function(tree: CodeTree, needle: Needle, depth: float, rng: random.Random) -> tuple[Document, str, int]:
+    """The tree as a codebase document with needle's function written before
+    a random top-level definition (or at the end) of the file at depth.
+    Returns (document, that file's path, the function's character offset)."""
+    index = min(int(depth * len(tree.files)), len(tree.files) - 1)
+    title, body = tree.files[index]
+    tops = [m.start() for m in re.finditer(r"^(?:def |class |@)", body, re.M)] + [len(body)]
+    at = rng.choice(tops)
+    planted = body[:at] + ("" if at == 0 or body[at - 1] == "\n" else "\n") + needle.fact + "\n\n" + body[at:]
+    builder = DocumentBuilder(tree.root)
+    for i, (name, text) in enumerate(tree.files):
+        builder.add(name, "file", planted if i == index else text, header=True)
+    document = builder.build()
+    return document, title, document.segments[index].char_start + planted.index(needle.fact)
+
+
+@dataclass
+class Trial:
+    task: str
+    method: str  # landmark (the engine), truncated (base model, last window) or full (base model, whole prompt)
+    length: int  # requested tokens
+    depth: float  # requested, 0..1
+    trial: int
+    tokens: int  # prompt tokens actually fed
+    placed_depth: float
+    question: str
+    expected: list[str]
+    answer: str
+    correct: bool
+    seconds: float
+    evidence_hit: bool | None = None  # landmark only: a passage holds the fact
+    evidence: list[str] = field(default_factory=list)  # file:line of each evidence passage
+
+
+@dataclass(frozen=True)
+class Settings:
+    lengths: tuple[int, ...]
+    depths: tuple[float, ...]
+    trials: int
+    seed: int = 0
+    tasks: tuple[str, ...] = TASKS
+    max_new_tokens: int = 32
+    max_full: int = 8192  # base model over the whole prompt up to this many tokens
+    window: int = 8192  # the base model's own context: the truncated baseline keeps this much
+    code_tokens: int = 16000
+
+
+class Evaluator:
+    """Runs the grid. progress(n) reports engine positions prefilled."""
+
+    def __init__(self, loaded: LoadedModel, engine: LandmarkEngine, settings: Settings, books: list[str],
+                 needles: list[Needle], baseline: LoadedModel | None = None, code: CodeTree | None = None,
+                 progress: Callable[[int], None] | None = None):
+        self.loaded, self.engine, self.settings = loaded, engine, settings
+        self.books, self.baseline, self.code = books, baseline, code
+        self.facts = [n for n in needles if n.kind != "code"]
+        self.functions = [n for n in needles if n.kind == "code"]
+        self.progress = progress
+        self.sampling = SamplingConfig(max_new_tokens=settings.max_new_tokens)
+
+    def cells(self) -> Iterator[tuple[str, int, float, int]]:
+        s = self.settings
+        for task in s.tasks:
+            for length in (s.lengths if task != "code" else (s.code_tokens,)):
+                for depth in s.depths:
+                    for trial in range(s.trials):
+                        yield task, length, depth, trial
+
+    def positions(self) -> int:
+        """Engine positions the whole run prefills (for a progress bar's total)."""
+        b = self.loaded.landmark.block_size
+        return sum(n + n // b for _, n, _, _ in self.cells())
+
+    def run(self, task: str, length: int, depth: float, trial: int) -> list[Trial]:
+        """One cell's trial: the landmark model's, then its baselines' results."""
+        rng = random.Random(f"{self.settings.seed}/{task}/{length}/{depth}/{trial}")
+        return getattr(self, f"_{task}")(rng, length, depth, trial)
+
+    # ----- tasks -----
+    def _needle(self, rng: random.Random, length: int, depth: float, trial: int) -> list[Trial]:
+        needle = rng.choice(self.facts)
+        prompt = QAPrompt(self.loaded, "document")
+        overhead = len(self._ids(prompt.head)) + len(self._ids(prompt.tail(needle.question)))
+        hay = build_haystack(self.loaded.tokenizer, self.books, length - overhead, depth, needle.fact, rng)
+        document = one_file(hay.text, "haystack.txt")
+        return self._ask(document, needle.question, list(needle.answers), (hay.needle_start, hay.needle_end),
+                         ("needle", length, depth, trial, hay.depth))
+
+    def _code(self, rng: random.Random, length: int, depth: float, trial: int) -> list[Trial]:
+        if self.code is None or not self.functions:
+            raise EvalError("the code task needs a source tree and code needles")
+        needle = rng.choice(self.functions)
+        document, path, at = plant_function(self.code, needle, depth, rng)
+        placed = at / len(document.text)
+        return self._ask(document, needle.question, [path, Path(path).name], (at, at + len(needle.fact)),
+                         ("code", length, depth, trial, placed), kind="codebase", scored_by=[Path(path).name])
+
+    def _passkey(self, rng: random.Random, length: int, depth: float, trial: int) -> list[Trial]:
+        tok = self.loaded.tokenizer
+        case = make_case(tok, length, rng, depth)
+        ids = tok(case.prompt).input_ids
+        self.engine.reset()
+        start = time.perf_counter()
+        out = generate(self.engine, ids, SamplingConfig(max_new_tokens=8), {tok.eos_token_id}, on_prefill=self.progress)
+        text = tok.decode(out, skip_special_tokens=True).strip()
+        return [Trial("passkey", "landmark", length, depth, trial, len(ids), case.depth, "What is the pass key?",
+                      [str(case.key)], text, first_integer(text) == case.key, time.perf_counter() - start)]
+
+    # ----- asking -----
+    def _ids(self, text: str) -> list[int]:
+        return self.loaded.tokenizer(text, add_special_tokens=False).input_ids
+
+    def _ask(self, document: Document, question: str, expected: list[str], span: tuple[int, int], where: tuple,
+             kind: str = "document", scored_by: list[str] | None = None) -> list[Trial]:
+        task, length, depth, trial, placed = where
+        accepted = scored_by or expected
+        session = DocumentSession(self.loaded, self.engine, document, kind)
+        start = time.perf_counter()
+        session.ingest(self.progress)
+        answer = session.ask(question, self.sampling)
+        seconds = time.perf_counter() - start
+        found = passages(session, answer.evidence)
+        fact_blocks = {b for b, s in session.sources.items() if s.char_start < span[1] and s.char_end > span[0]}
+        tokens = session.prepare() + answer.timings.question_tokens
+        results = [Trial(task, "landmark", length, depth, trial, tokens, placed, question, expected, answer.text,
+                         is_correct(answer.text, accepted), seconds,
+                         any(fact_blocks & set(p.blocks) for p in found), [p.location for p in found])]
+        if self.baseline is not None:
+            results += self._baselines(document, kind, question, expected, accepted, where)
+        return results
+
+    def _baselines(self, document: Document, kind: str, question: str, expected: list[str], accepted: list[str],
+                   where: tuple) -> list[Trial]:
+        """The base model with its own full attention over the prompt's head,
+        as much of the document's end as fits its window, and the question;
+        and over the whole prompt where that fits --max-full."""
+        task, length, depth, trial, placed = where
+        s = self.settings
+        session = DocumentSession(self.baseline, None, document, kind)  # the same prompt, tokenized; no engine
+        tok = self.baseline.tokenizer
+        ids, tail = session.token_ids, tok(session.prompt.tail(question), add_special_tokens=False).input_ids
+        head, body = ids[: session.doc_token_start], ids[session.doc_token_start :]
+        room = max(s.window - len(head) - len(tail) - s.max_new_tokens, 0)
+        runs = {"truncated": head + body[len(body) - min(room, len(body)) :] + tail}
+        if len(ids) + len(tail) <= s.max_full:
+            runs["full"] = ids + tail
+        done: dict[tuple[int, ...], tuple[str, float]] = {}
+        out = []
+        for method, prompt in runs.items():
+            key = tuple(prompt)
+            if key not in done:  # a document that fits the window: truncation changes nothing
+                start = time.perf_counter()
+                generated = generate_full_attention(self.baseline.model, prompt, s.max_new_tokens, session.stop_ids())
+                done[key] = (tok.decode(generated, skip_special_tokens=True).strip(), time.perf_counter() - start)
+            text, seconds = done[key]
+            out.append(Trial(task, method, length, depth, trial, len(prompt), placed, question, expected, text,
+                             is_correct(text, accepted), seconds))
+        return out
+
+
+def parse_depths(text: str) -> tuple[float, ...]:
+    """"0,25,50" (percent) -> (0.0, 0.25, 0.5)."""
+    try:
+        depths = tuple(float(x) / 100 for x in text.split(",") if x.strip())
+    except ValueError:
+        raise EvalError(f"--depths must be comma-separated percentages, not {text!r}") from None
+    if not depths or any(not 0 <= d <= 1 for d in depths):
+        raise EvalError(f"--depths must be percentages from 0 to 100, not {text!r}")
+    return depths
