@@ -89,23 +89,28 @@ def convert_gguf(gguf: Path, out_dir: Path, log=print) -> Path:
     model.config.quantization_config = None
     del model.config.quantization_config
 
-    def write(tmp: Path) -> None:
+    def write(tmp: Path) -> dict:
         tensors = {k: v.to(torch.float16).contiguous() for k, v in model.state_dict().items()
                    if not (model.config.tie_word_embeddings and k == "lm_head.weight")}
         save_file(tensors, tmp / WEIGHTS, metadata={"format": "pt"})
         model.config.save_pretrained(tmp)
         tok.save_pretrained(tmp)
+        return weights_stamp(tmp, gguf.name)
 
-    return _write_cache(out_dir, write, gguf.name)
+    return write_cache(out_dir, write)
 
 
-def _write_cache(out_dir: Path, write, source: str) -> Path:
-    """Fill a temp dir with write(tmp), stamp its weights' checksum, rename it into place."""
+def weights_stamp(directory: Path, source: str) -> dict:
+    return {"source": source, "sha256": sha256_file(directory / WEIGHTS)}
+
+
+def write_cache(out_dir: Path, write) -> Path:
+    """Fill a temp dir with write(tmp), which returns the dir's stamp (its
+    checksums), and rename it into place: a cache dir is complete or absent."""
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=".write-"))
     try:
-        write(tmp)
-        (tmp / STAMP).write_text(json.dumps({"source": source, "sha256": sha256_file(tmp / WEIGHTS)}))
+        (tmp / STAMP).write_text(json.dumps(write(tmp), indent=1))
         if out_dir.exists():
             shutil.rmtree(out_dir)
         os.replace(tmp, out_dir)
@@ -247,11 +252,12 @@ def merged_adapter(where: Path, gguf_file: str | None, adapter: Path, token: str
     add_landmark_token(model, tokenizer, token)
     model = PeftModel.from_pretrained(model, adapter, is_trainable=False).merge_and_unload()
 
-    def write(tmp: Path) -> None:
+    def write(tmp: Path) -> dict:
         model.save_pretrained(tmp, max_shard_size="1000GB")  # one file: the stamp checks WEIGHTS
         tokenizer.save_pretrained(tmp)
+        return weights_stamp(tmp, str(adapter))
 
-    return _write_cache(out, write, str(adapter))
+    return write_cache(out, write)
 
 
 ADAPTER_META = "lmqa.json"

@@ -16,9 +16,7 @@ checksum: LLaMA-7B conversions differ in dtype and sharding).
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -242,10 +240,8 @@ def recover(manifest: Manifest, base_dir: Path, diff_dir: Path | None = None, lo
         log(f"fetching the weight diff {spec.repo} (once; huggingface_hub caches it)")
         diff_dir = hub.snapshot(spec.repo, spec.revision, list(spec.files))
     verify_diff_files(diff_dir, spec.files, log)
-    out = recovered_dir(manifest)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=".recover-"))
-    try:
+
+    def write(tmp: Path) -> dict:
         total = add_diff(Path(base_dir), diff_dir, manifest, tmp, log)
         if abs(total - spec.param_sum) > spec.param_sum_tolerance:
             raise ModelError(f"recovered parameters sum to {total:.4f}, the release's check is {spec.param_sum} "
@@ -254,11 +250,6 @@ def recover(manifest: Manifest, base_dir: Path, diff_dir: Path | None = None, lo
         log("recording checksums of the recovered weights")
         files = {f.name: {"size": f.stat().st_size, "sha256": loading.sha256_file(f)}
                  for f in sorted(tmp.iterdir()) if f.is_file()}
-        (tmp / loading.STAMP).write_text(json.dumps({"source": f"{spec.repo}@{spec.revision}",
-                                                     "param_sum": total, "files": files}, indent=1))
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return out
+        return {"source": f"{spec.repo}@{spec.revision}", "param_sum": total, "files": files}
+
+    return loading.write_cache(recovered_dir(manifest), write)

@@ -22,6 +22,7 @@ def adapter_dir(tmp_path, tiny_model_dir):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    torch.manual_seed(0)
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
     landmark = loading.add_landmark_token(model, tok, "<landmark>")
@@ -42,8 +43,14 @@ def quantized_layers(model, kind: str) -> list[str]:
     return [n for n, m in model.named_modules() if type(m).__name__ == QUANT_LAYER[kind]]
 
 
+def corr(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float(torch.corrcoef(torch.stack([a.flatten(), b.flatten()]))[0, 1])
+
+
 def check_merged_then_quantized(loaded, adapter_dir, kind: str, device: str):
     reference = loading.load_model(str(adapter_dir), device=device, dtype="float32", log=lambda m: None)
+    base_dir = json.loads((adapter_dir / loading.ADAPTER_META).read_text())["base"]
+    plain = loading.load_model(base_dir, device=device, dtype="float32", log=lambda m: None)
     model = loaded.model
     assert not any("lora" in n or "trainable_tokens" in n for n, _ in model.named_modules()), "adapter left unmerged"
     assert quantized_layers(model, kind), "no bitsandbytes layers"
@@ -55,10 +62,10 @@ def check_merged_then_quantized(loaded, adapter_dir, kind: str, device: str):
     assert torch.allclose(got, want, atol=2e-2)
     ids = torch.tensor([[1, 5, 9, lm, 13, 2]], device=model.device)
     with torch.no_grad():
-        a, b = model(ids).logits.float().cpu(), reference.model(ids).logits.float().cpu()
-    assert torch.isfinite(a).all()
-    # quantization error only: far closer to the merged model than to an unrelated one
-    assert torch.corrcoef(torch.stack([a.flatten(), b.flatten()]))[0, 1] > 0.9
+        q, merged, base = (m(ids).logits.float().cpu() for m in (model, reference.model, plain.model))
+    assert torch.isfinite(q).all()
+    # the quantized model carries the adapter: closer to the merged model than to the bare base
+    assert corr(q, merged) > max(corr(q, base), 0.8), (corr(q, merged), corr(q, base))
 
 
 def test_adapter_merged_before_quantizing_cpu(adapter_dir, isolated_cache):
@@ -87,7 +94,7 @@ def test_quantized_on_cuda(kind, tiny_model_dir):
     logits = LandmarkEngine(model, loaded.landmark, offload="cpu").feed(ids).float()
     reference = LandmarkEngine(full.model, full.landmark, offload="cpu").feed(ids).float()
     assert torch.isfinite(logits).all()
-    assert torch.corrcoef(torch.stack([logits.flatten(), reference.flatten()]))[0, 1] > 0.9
+    assert corr(logits, reference) > 0.9
 
 
 @pytest.mark.cuda

@@ -20,12 +20,12 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 import lmqa.loading as loading
-import lmqa.manifest as manifest_mod
 from lmqa.cli import app
 from lmqa.hub import git_blob_sha1
 from lmqa.manifest import ModelError
 
 from conftest import make_tiny_llama, save_tiny_model_dir
+from test_loading import models_dir  # noqa: F401  (a fixture)
 
 ADDED = ["[PAD]", "<landmark>"]
 LFS = (".bin", ".safetensors", ".model")
@@ -113,21 +113,12 @@ format = "plain"
 """
 
 
-def write_manifest(models_dir: Path, release, files: dict[str, str], param_sum: float | None = None,
-                   revision: str = "c" * 40) -> None:
+def write_manifest(models_dir: Path, release, files: dict[str, str], revision: str = "c" * 40) -> None:
     _, _, _, _, total, vocab = release
     (models_dir / "tiny-diff").mkdir(parents=True, exist_ok=True)
     lines = "\n".join(f'"{name}" = "{digest}"' for name, digest in sorted(files.items()))
     (models_dir / "tiny-diff" / "manifest.toml").write_text(MANIFEST.format(
-        revision=revision, files=lines, param_sum=total if param_sum is None else param_sum, landmark_id=vocab + 1))
-
-
-@pytest.fixture
-def models_dir(tmp_path, monkeypatch):
-    d = tmp_path / "models"
-    d.mkdir()
-    monkeypatch.setattr(manifest_mod, "MODELS_DIR", d)
-    return d
+        revision=revision, files=lines, param_sum=total, landmark_id=vocab + 1))
 
 
 @pytest.fixture
