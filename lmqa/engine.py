@@ -32,6 +32,20 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
     return x * cos + rotate_half(x) * sin
 
 
+def top_blocks(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The k best blocks of scores [..., n] (last dim: block id) as ids in
+    ascending order [..., k], with their scores.
+
+    Ties go to the more recent block. They are common: at layer 0 every
+    landmark key is the landmark embedding's, so all landmarks sharing the
+    oldest slot score alike, and topk's own choice among them differs
+    between devices and tensor sizes (and so between prefill paths).
+    """
+    newest_first = scores.flip(-1).argsort(dim=-1, descending=True, stable=True)[..., :k]
+    ids = (scores.shape[-1] - 1 - newest_first).sort(dim=-1).values
+    return ids, scores.gather(-1, ids)
+
+
 @dataclass
 class RetrievalStep:
     """What every layer and key/value head retrieved for one step."""
@@ -73,10 +87,21 @@ class LandmarkEngine:
     # steps then add their retrieved blocks' attention mass (see evidence.py).
     evidence = None
 
-    def __init__(self, model, config: LandmarkConfig, offload: str = "cpu", kv_dtype: torch.dtype | None = None):
+    def __init__(self, model, config: LandmarkConfig, offload: str = "cpu", kv_dtype: torch.dtype | None = None,
+                 prefill: str = "layer", max_device_bytes: int | None = None):
         """kv_dtype: how the block stores keep block keys/values (fp32, fp16,
         bf16 or int8; default: the model's dtype). Attention always computes
-        in the model's dtype."""
+        in the model's dtype.
+
+        offload: "cpu", "device" or "auto" (offload.py; max_device_bytes is
+        its budget). prefill: how multi-token feeds run: "layer" (layer-major,
+        layer_prefill.py) or "serial" (chunk by chunk through every layer: the
+        reference, and the path single tokens always take)."""
+        from .layer_prefill import PrefillBudget
+        from .offload import AutoOffload
+
+        if prefill not in ("layer", "serial"):
+            raise ValueError(f"prefill must be 'layer' or 'serial', not {prefill!r}")
         self.model = model
         self.config = config
         self.llama = model.model
@@ -87,7 +112,10 @@ class LandmarkEngine:
         self.device = self.llama.embed_tokens.weight.device
         self.dtype = self.llama.embed_tokens.weight.dtype
         self.kv_dtype = kv_dtype or self.dtype
-        self.offload = offload
+        self.auto_offload = AutoOffload(self.device, max_device_bytes) if offload == "auto" else None
+        self.offload = self.auto_offload.initial if self.auto_offload else offload
+        self.prefill = prefill
+        self.prefill_budget = PrefillBudget.for_device(self.device)
         self.tile = 1  # query blocks per attention tile
         self.trace = RetrievalTrace()
         self.reset()
@@ -153,6 +181,12 @@ class LandmarkEngine:
         logits [vocab] that follow the last one."""
         if not ids:
             raise ValueError("nothing to feed")
+        if self.auto_offload is not None:
+            self.auto_offload.before_feed(self, len(ids))
+        if self.prefill == "layer" and len(ids) > 1:
+            from .layer_prefill import feed
+
+            return feed(self, ids, progress)
         cfg = self.config
         stream = insert_landmarks(ids, cfg.block_size, cfg.landmark_id, filled=self.open_len)
         # The stream's last ordinary token is the one whose logits we return;
@@ -269,7 +303,4 @@ class LandmarkEngine:
         group = self.n_heads // self.n_kv
         qg = q[0].reshape(self.n_kv, group * q.shape[2], self.head_dim)
         scores = torch.softmax((qg @ lm_rot.transpose(1, 2)).float() / self.head_dim**0.5, dim=-1)
-        best = scores.amax(dim=1)  # [Hkv, n]
-        top_scores, top_ids = best.topk(r, dim=-1)
-        order = top_ids.argsort(dim=-1)
-        return top_ids.gather(1, order), top_scores.gather(1, order)
+        return top_blocks(scores.amax(dim=1), r)  # [Hkv, n] -> [Hkv, r]

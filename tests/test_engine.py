@@ -54,9 +54,11 @@ def max_diff(engine_logits, ref_logits):
     return (engine_logits[..., keep] - ref_logits[..., keep]).abs().max().item()
 
 
-def make_engine(model, b, top_k, chunk=None, offload="cpu", train_context=4096):
+def make_engine(model, b, top_k, chunk=None, offload="cpu", train_context=4096, prefill="serial"):
+    """The chunk-serial engine by default: these tests spy on its steps; the
+    layer-major prefill is checked against it in test_layer_prefill.py."""
     cfg = LandmarkConfig(landmark_id=LANDMARK, block_size=b, top_k=top_k, train_context=train_context, chunk_size=chunk)
-    return LandmarkEngine(model, cfg, offload=offload)
+    return LandmarkEngine(model, cfg, offload=offload, prefill=prefill)
 
 
 # ----- full retrieval equals the training form -----

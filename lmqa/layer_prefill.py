@@ -1,0 +1,389 @@
+"""Layer-major prefill: a whole input (or a super-chunk of it) one layer at a time.
+
+Why: the chunk-serial engine (LandmarkEngine._step) walks one chunk of about
+640 positions through every layer with dozens of small ops per layer, so a GPU
+idles on kernel launches and a CPU spends most of its time in op overhead. But
+chunk c at layer l reads only layer l's keys and values of earlier positions,
+and those depend only on layer l-1. So each layer can project every token at
+once, store every block they close, and then score, select and attend for all
+chunks in a few batched ops whose batch dimension is the chunk.
+
+The result equals the serial engine's, chunk by chunk (tests/test_layer_prefill.py):
+  * the chunk schedule is the serial loop's (plan_chunks);
+  * a chunk's window is the open block it inherits plus its own tokens,
+    placed after k + 1 block slots;
+  * it scores only landmarks of blocks closed before it starts (a causal mask
+    over the blocks this layer has just stored), the k most recent of those at
+    their own slots 1..k and older ones sharing slot 0;
+  * it retrieves r = min(k, blocks before it) blocks into the last r slots;
+  * store contents, open block, token count and trace end as the serial
+    engine leaves them.
+
+Memory is bounded by PrefillBudget: super-chunks of whole chunks sized to it,
+and within a layer, batches of chunks sized to the score tensors. Nothing in
+the layer loop reads a device tensor on the host, so on CUDA the host only
+queues work (except gathers from a host block store, one per layer).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, NamedTuple
+
+import torch
+import torch.nn.functional as F
+
+from .engine import LandmarkEngine, RetrievalStep, rotate, top_blocks
+from .grouped_attention import grouped_attention_inference
+from .landmarks import insert_landmarks
+
+
+@dataclass(frozen=True)
+class PrefillBudget:
+    """Bounds for one layer-major pass.
+
+    positions: stream positions per super-chunk (activations, window copies);
+    score_elements / attention_elements: float32 elements of one batched
+    landmark-scoring / grouped-softmax score tensor; query_tile: query blocks
+    per grouped-softmax call (1 skips the hidden upper triangle and keeps a
+    CPU's score tensors in cache; a GPU wants few, large calls); mlp_rows:
+    tokens per MLP call (its hidden layer is the widest activation).
+    """
+
+    positions: int
+    score_elements: int
+    attention_elements: int
+    query_tile: int
+    mlp_rows: int
+
+    @classmethod
+    def for_device(cls, device: torch.device) -> PrefillBudget:
+        if device.type == "cuda":
+            # A quarter of the free memory for activations at ~10 KiB a position
+            # (SmolLM2-135M in bf16): about 2M positions on an 80 GiB card.
+            free, _ = torch.cuda.mem_get_info(device)
+            return cls(positions=max(1 << 16, free // 4 // 10240), score_elements=1 << 28,
+                       attention_elements=1 << 28, query_tile=1 << 20, mlp_rows=1 << 17)
+        return cls(positions=1 << 16, score_elements=1 << 23, attention_elements=1 << 22, query_tile=1,
+                   mlp_rows=1 << 14)
+
+
+class Chunk(NamedTuple):
+    """One step of the serial schedule: `length` stream positions from `start`."""
+
+    start: int
+    length: int
+
+
+def plan_chunks(n: int, open_len: int, chunk: int, slot: int) -> list[Chunk]:
+    """The serial engine's chunks for a stream of n positions fed after an
+    open block of open_len (LandmarkEngine.feed's loop, without the model)."""
+    out, start, p = [], 0, open_len
+    while start < n:
+        length = min(max(chunk - p, 1), n - start)
+        out.append(Chunk(start, length))
+        start += length
+        p = (p + length) % slot
+    return out
+
+
+def super_chunks(chunks: list[Chunk], positions: int) -> list[list[Chunk]]:
+    """Consecutive runs of whole chunks of at most `positions` (at least one chunk each)."""
+    runs: list[list[Chunk]] = [[]]
+    used = 0
+    for c in chunks:
+        if runs[-1] and used + c.length > positions:
+            runs.append([])
+            used = 0
+        runs[-1].append(c)
+        used += c.length
+    return runs
+
+
+def batches(costs: list[int], budget: int) -> list[tuple[int, int]]:
+    """Split items with the given costs into consecutive [lo, hi) runs whose
+    cost stays within budget (an item over budget gets a run of its own)."""
+    out, lo, used = [], 0, 0
+    for i, c in enumerate(costs):
+        if i > lo and used + c > budget:
+            out.append((lo, i))
+            lo, used = i, 0
+        used += c
+    if lo < len(costs):
+        out.append((lo, len(costs)))
+    return out
+
+
+class _Layout:
+    """Where every chunk of a super-chunk sits, on the host and as device index tensors.
+
+    "Cache coordinates": the inherited open block's p0 positions followed by
+    the super-chunk's N positions, so block m of them is positions
+    [m*S, (m+1)*S) and a chunk's window starts at a block boundary.
+    """
+
+    def __init__(self, engine: LandmarkEngine, chunks: list[Chunk], n_positions: int):
+        cfg, dev = engine.config, engine.device
+        S, k = cfg.slot, cfg.top_k
+        self.S, self.k = S, k
+        p0, n0 = engine.open_len, engine.n_blocks
+        first = chunks[0].start
+        self.P = p0 + n_positions  # cache positions
+        self.n_cache_blocks = -(-self.P // S)
+        self.closed = self.P // S
+        # per chunk (host): window start (a block boundary) and length, open part, blocks before it
+        opens = [(p0 + c.start - first) % S for c in chunks]
+        self.win_start = [p0 + c.start - first - p for c, p in zip(chunks, opens)]
+        self.win_len = [p + c.length for c, p in zip(chunks, opens)]
+        self.blocks_before = [n0 + a // S for a in self.win_start]
+        self.r = [min(k, nb) for nb in self.blocks_before]
+        self.n_old = [max(nb - k, 0) for nb in self.blocks_before]  # landmarks scored at slot 0
+        self.n_win_blocks = max(-(-w // S) for w in self.win_len)
+        self.W = self.n_win_blocks * S  # window rows per chunk, padded
+        C, W = len(chunks), self.W
+
+        a = torch.tensor(self.win_start, device=dev)
+        opens_t = torch.tensor(opens, device=dev)
+        lens = torch.tensor(self.win_len, device=dev)
+        nb = torch.tensor(self.blocks_before, device=dev)
+        w = torch.arange(W, device=dev)
+        # window blocks of each chunk, in cache blocks  # [C, n_win_blocks]
+        self.win_blocks = (a[:, None] // S + torch.arange(self.n_win_blocks, device=dev)).clamp(max=self.n_cache_blocks - 1)
+        # which new token gives the query of window row w (rows outside the chunk: any; discarded)  # [C, W]
+        self.q_rows = (a[:, None] - p0 + w).clamp(0, n_positions - 1)
+        # rows that are this chunk's own queries, for chunks with something to retrieve  # [C, W]
+        self.scoring_rows = (w >= opens_t[:, None]) & (w < lens[:, None]) & (nb[:, None] > 0)
+        self.old_limit = torch.tensor(self.n_old, device=dev)  # [C]
+        self.recent = nb[:, None] - k + torch.arange(k, device=dev)  # [C, k] ids of the k most recent blocks
+        # each new token's row in the [C * W] window rows  # [N]
+        x = torch.arange(p0, self.P, device=dev)
+        starts = torch.tensor([p0 + c.start - first for c in chunks], device=dev)
+        chunk_of = torch.searchsorted(starts, x, right=True) - 1
+        self.token_rows = chunk_of * W + (x - a[chunk_of])
+        self.row_block = w // S  # [W]
+        self.row_offset = w % S
+
+
+class _Rope(NamedTuple):
+    """cos/sin tables shared by every layer of a super-chunk (model dtype)."""
+
+    window: tuple[torch.Tensor, torch.Tensor]  # [W, d]: window rows after k + 1 slots
+    slots: tuple[torch.Tensor, torch.Tensor]  # [k, S, d]: retrieved blocks in slots 1..k
+    old_landmarks: tuple[torch.Tensor, torch.Tensor]  # [d]: landmarks in slot 0
+    recent_landmarks: tuple[torch.Tensor, torch.Tensor]  # [k, d]: landmarks in slots 1..k
+
+
+def _rope(engine: LandmarkEngine, h: torch.Tensor, W: int) -> _Rope:
+    cfg, dev = engine.config, engine.device
+    S, k, b = cfg.slot, cfg.top_k, cfg.block_size
+
+    def table(pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        cos, sin = engine.llama.rotary_emb(h, pos[None])
+        return cos[0].to(engine.dtype), sin[0].to(engine.dtype)
+
+    slots = (k + 1) * S
+    window = table(torch.arange(slots, slots + W, device=dev))
+    cos_s, sin_s = table(torch.arange(S, slots, device=dev))
+    landmarks = table(torch.arange(k + 1, device=dev) * S + b)
+    return _Rope(window, (cos_s.view(k, S, -1), sin_s.view(k, S, -1)),
+                 (landmarks[0][0], landmarks[1][0]), (landmarks[0][1:], landmarks[1][1:]))
+
+
+@torch.inference_mode()
+def feed(engine: LandmarkEngine, ids: list[int], progress: Callable[[int], None] | None = None) -> torch.Tensor:
+    """LandmarkEngine.feed, layer-major: same arguments, same result and state."""
+    cfg = engine.config
+    stream = insert_landmarks(ids, cfg.block_size, cfg.landmark_id, filled=engine.open_len)
+    last_ordinary = len(stream) - 1 - (stream[-1] == cfg.landmark_id)
+    chunks = plan_chunks(len(stream), engine.open_len, cfg.prefill_chunk, cfg.slot)
+    logits = None
+    for run in super_chunks(chunks, engine.prefill_budget.positions):
+        lo, hi = run[0].start, run[-1].start + run[-1].length
+        want = last_ordinary - lo if lo <= last_ordinary < hi else None
+        out = _super_chunk(engine, stream[lo:hi], run, want, progress)
+        if out is not None:
+            logits = out
+    return logits
+
+
+def _super_chunk(engine: LandmarkEngine, stream: list[int], chunks: list[Chunk], logits_at: int | None,
+                 progress: Callable[[int], None] | None) -> torch.Tensor | None:
+    cfg = engine.config
+    layout = _Layout(engine, chunks, len(stream))
+    h = engine.llama.embed_tokens(torch.tensor(stream, device=engine.device))  # [N, D]
+    rope = _rope(engine, h, layout.W)
+    layers = engine.llama.layers
+    L, C, k = len(layers), len(chunks), cfg.top_k
+    trace_ids = torch.empty(L, C, engine.n_kv, k, dtype=torch.long, device=engine.device)
+    trace_scores = torch.empty(L, C, engine.n_kv, k, device=engine.device)
+    done = 0
+    for li, layer in enumerate(layers):
+        h = _layer(engine, li, layer, h, layout, rope, trace_ids[li], trace_scores[li])
+        if progress is not None:
+            step = len(stream) * (li + 1) // L - done
+            done += step
+            progress(step)
+
+    _record_trace(engine, stream, chunks, layout, trace_ids, trace_scores)
+    if logits_at is None:
+        return None
+    logits = engine.model.lm_head(engine.llama.norm(h[logits_at : logits_at + 1]))[0].float()
+    logits[cfg.landmark_id] = float("-inf")
+    return logits
+
+
+def _layer(engine: LandmarkEngine, li: int, layer, h: torch.Tensor, layout: _Layout, rope: _Rope,
+           ids_out: torch.Tensor, scores_out: torch.Tensor) -> torch.Tensor:
+    """One decoder layer for every chunk of a super-chunk; stores the blocks
+    it closes and advances the open block. Returns the new hidden states."""
+    attn, budget = layer.self_attn, engine.prefill_budget
+    N, H, Hkv, d, S = h.shape[0], engine.n_heads, engine.n_kv, engine.head_dim, layout.S
+    x = layer.input_layernorm(h)
+    q = attn.q_proj(x).view(N, H, d).to(engine.dtype)
+    kv_new = [proj(x).view(N, Hkv, d).to(engine.dtype) for proj in (attn.k_proj, attn.v_proj)]
+    del x
+    # cache = inherited open block + new tokens, cut into whole blocks  # [n_cache_blocks, Hkv, S, d]
+    pad = layout.n_cache_blocks * S - layout.P
+    cache_k, cache_v = (
+        F.pad(torch.cat([old[0].transpose(0, 1), new]), (0, 0, 0, 0, 0, pad)).view(-1, S, Hkv, d).transpose(1, 2)
+        for old, new in zip((engine.open.keys[li], engine.open.values[li]), kv_new))
+    del kv_new
+    store = engine.stores[li]
+    if layout.closed:
+        store.append(cache_k[: layout.closed], cache_v[: layout.closed])
+    tail = layout.P - layout.closed * S
+    engine.open.keys[li] = cache_k[layout.closed, :, :tail][None].clone() if tail else engine.open.keys[li][:, :, :0]
+    engine.open.values[li] = cache_v[layout.closed, :, :tail][None].clone() if tail else engine.open.values[li][:, :, :0]
+
+    # queries in window layout, rotated at window positions  # [C, H, W, d]
+    q_win = rotate(q[layout.q_rows].transpose(1, 2), *rope.window)
+    del q
+    ids, scores = _select(engine, store, q_win, layout, rope, budget.score_elements)
+    ids_out.copy_(ids)
+    scores_out.copy_(scores)
+    out_win = _attend(engine, store, cache_k, cache_v, q_win, ids, layout, rope)
+    del q_win, cache_k, cache_v
+    # each token's output row, heads concatenated  # [N, H * d]
+    out = out_win.transpose(1, 2).reshape(-1, H * d)[layout.token_rows].to(h.dtype)
+    h = h + attn.o_proj(out)
+    for lo in range(0, N, budget.mlp_rows):
+        part = h[lo : lo + budget.mlp_rows]
+        part += layer.mlp(layer.post_attention_layernorm(part))
+    return h
+
+
+def _select(engine: LandmarkEngine, store, q_win: torch.Tensor, layout: _Layout, rope: _Rope,
+            budget: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k blocks per chunk and key/value head, as the serial engine's _select
+    scores them: softmax over the blocks before the chunk of q . landmark / sqrt(d),
+    max over the chunk's queries and the head's group.
+
+    Returns ids [C, Hkv, k] (ascending, the k - r_c missing ones first as -1) and
+    their scores [C, Hkv, k] (0 where missing). Landmarks older than the chunk's
+    k most recent all sit in slot 0, so one rotation serves every chunk for
+    them; the recent k are gathered and rotated per chunk.
+    """
+    C, H, W, d = q_win.shape
+    Hkv, k = engine.n_kv, layout.k
+    group = H // Hkv
+    lm = store.landmark_keys.view().transpose(0, 1)  # [Hkv, n, d]
+    lm_old = rotate(lm, *rope.old_landmarks)
+    like_first = (lm == lm[:, :1]).all(-1)  # [Hkv, n]
+    ids_out = torch.empty(C, Hkv, k, dtype=torch.long, device=q_win.device)
+    scores_out = torch.empty(C, Hkv, k, device=q_win.device)
+    if not max(layout.r):  # nothing stored before any chunk
+        return ids_out.fill_(-1), scores_out.zero_()
+    costs = [H * W * (n_old + k) for n_old in layout.n_old]
+    for lo, hi in batches(costs, budget):
+        n_old = layout.n_old[hi - 1]  # the batch's largest
+        qg = q_win[lo:hi].reshape(hi - lo, Hkv, group * W, d)
+        s_old = (qg @ lm_old[:, :n_old].transpose(-1, -2)).float() / d**0.5  # [B, Hkv, G*W, n_old]
+        # Layer 0's landmark keys are all the landmark embedding's: give them
+        # bitwise one score (a batched matmul may differ in the last bit by
+        # column), so top_blocks' recency rule picks as the serial engine does.
+        s_old = torch.where(like_first[:, None, :n_old], s_old[..., :1], s_old)
+        too_recent = torch.arange(n_old, device=lm.device) >= layout.old_limit[lo:hi, None]  # [B, n_old]
+        s_old.masked_fill_(too_recent[:, None, None], float("-inf"))
+        recent = layout.recent[lo:hi]  # [B, k]
+        lm_recent = rotate(lm[:, recent.clamp(min=0)].transpose(0, 1), *rope.recent_landmarks)  # [B, Hkv, k, d]
+        s_recent = (qg @ lm_recent.transpose(-1, -2)).float() / d**0.5  # [B, Hkv, G*W, k]
+        s_recent.masked_fill_((recent < 0)[:, None, None], float("-inf"))
+        lse = torch.logaddexp(s_old.logsumexp(-1), s_recent.logsumexp(-1))  # [B, Hkv, G*W]
+        rows = layout.scoring_rows[lo:hi, None, None].expand(-1, 1, group, -1).reshape(hi - lo, 1, group * W)
+        lse.masked_fill_(~rows, float("inf"))  # other chunks' rows and padding never win a max
+        # log-probabilities by block id, the recent k placed at their ids  # [B, Hkv, n_old + k]
+        best = F.pad(s_old.sub_(lse[..., None]).amax(2), (0, k), value=float("-inf"))
+        recent_best = s_recent.sub_(lse[..., None]).amax(2)
+        del s_old, s_recent
+        best.scatter_reduce_(2, recent.clamp(min=0)[:, None].expand(-1, Hkv, -1), recent_best, "amax")
+        block, top = top_blocks(best, k)  # [B, Hkv, k]
+        key, order = torch.where(top > float("-inf"), block, -1).sort(dim=-1)
+        ids_out[lo:hi] = key
+        scores_out[lo:hi] = top.gather(2, order).exp()
+    return ids_out, scores_out
+
+
+def _attend(engine: LandmarkEngine, store, cache_k: torch.Tensor, cache_v: torch.Tensor, q_win: torch.Tensor,
+            ids: torch.Tensor, layout: _Layout, rope: _Rope) -> torch.Tensor:
+    """Grouped softmax of every chunk's window rows over its retrieved blocks
+    and its window; returns [C, H, W, d] (rows outside the chunk: garbage).
+
+    Chunks retrieving fewer than k blocks (only at the start of a context)
+    run separately with their r, so no call needs a per-chunk block mask;
+    window padding needs none either, as it lies after every real query.
+    """
+    C, H, W, d = q_win.shape
+    Hkv, k, S, budget = engine.n_kv, layout.k, layout.S, engine.prefill_budget
+    # retrieved blocks, landmark in the last slot, rotated into slots 1..k  # [C, Hkv, k, S, d]
+    if max(layout.r):
+        rk, rv, rlm = store.gather(ids.clamp(min=0).transpose(0, 1).reshape(Hkv, C * k))  # [Hkv, C*k, b, d], [Hkv, C*k, d]
+        blocks_k = rotate(torch.cat([rk, rlm[:, :, None]], dim=2).view(Hkv, C, k, S, d).transpose(0, 1), *rope.slots)
+        blocks_v = F.pad(rv, (0, 0, 0, 1)).view(Hkv, C, k, S, d).transpose(0, 1)
+        del rk, rv, rlm
+    else:
+        blocks_k = blocks_v = q_win.new_empty(C, Hkv, k, S, d)
+    # each chunk's window blocks  # [C, Hkv, n_win_blocks, S, d]
+    cos_w, sin_w = (t.view(layout.n_win_blocks, S, d) for t in rope.window)
+    win_k = rotate(cache_k[layout.win_blocks].transpose(1, 2), cos_w, sin_w)
+    win_v = cache_v[layout.win_blocks].transpose(1, 2)
+
+    out = q_win.new_empty(C, H, W, d)
+    tile = min(budget.query_tile, layout.n_win_blocks) * S
+    for g_lo, g_hi in _runs(layout.r):
+        r = layout.r[g_lo]
+        rows = max(layout.win_len[g_lo:g_hi])
+        for w0 in range(0, rows, tile):
+            w1 = min(w0 + tile, rows)
+            n_win = -(-w1 // S)
+            cost = H * (w1 - w0) * (r + n_win) * S
+            for lo, hi in batches([cost] * (g_hi - g_lo), budget.attention_elements):
+                lo, hi = g_lo + lo, g_lo + hi
+                keys = torch.cat([blocks_k[lo:hi, :, k - r :], win_k[lo:hi, :, :n_win]], dim=2)
+                values = torch.cat([blocks_v[lo:hi, :, k - r :], win_v[lo:hi, :, :n_win]], dim=2)
+                out[lo:hi, :, w0:w1] = grouped_attention_inference(
+                    q_win[lo:hi, :, w0:w1], keys, values, r + layout.row_block[w0:w1], layout.row_offset[w0:w1])
+    return out
+
+
+def _runs(values: list[int]) -> list[tuple[int, int]]:
+    """[lo, hi) runs of equal consecutive values."""
+    out, lo = [], 0
+    for i in range(1, len(values) + 1):
+        if i == len(values) or values[i] != values[lo]:
+            out.append((lo, i))
+            lo = i
+    return out
+
+
+def _record_trace(engine: LandmarkEngine, stream: list[int], chunks: list[Chunk], layout: _Layout,
+                  ids: torch.Tensor, scores: torch.Tensor) -> None:
+    """One RetrievalStep per chunk that retrieved, as the serial engine records
+    it; one device-to-host copy per super-chunk."""
+    ids, scores = ids.cpu(), scores.cpu()  # [L, C, Hkv, k]
+    k, lm_id, first = layout.k, engine.config.landmark_id, chunks[0].start
+    for c, (chunk, r) in enumerate(zip(chunks, layout.r)):
+        if r:
+            engine.trace.steps.append(RetrievalStep("chunk" if chunk.length > 1 else "token", engine.n_tokens,
+                                                    ids[:, c, :, k - r :].clone(), scores[:, c, :, k - r :].clone()))
+        piece = stream[chunk.start - first : chunk.start - first + chunk.length]
+        engine.n_tokens += len(piece) - piece.count(lm_id)

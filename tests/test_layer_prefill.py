@@ -1,0 +1,171 @@
+"""Layer-major prefill (lmqa/layer_prefill.py) against the chunk-serial engine.
+
+The serial engine is the reference (tests/test_engine.py checks it against the
+training-form forward), so here both paths must retrieve the same blocks,
+give the same logits and leave the same state, on layouts that exercise every
+edge of the chunk schedule.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from lmqa.engine import LandmarkEngine
+from lmqa.landmarks import LandmarkConfig
+from lmqa.layer_prefill import Chunk, batches, plan_chunks, super_chunks
+
+from conftest import make_tiny_llama
+
+TOL = 1e-4
+VOCAB = 128
+LANDMARK = VOCAB - 1
+
+
+@pytest.fixture(scope="module")
+def gqa_model():
+    return make_tiny_llama(vocab=VOCAB, hidden=48, heads=6, kv_heads=2, layers=2, seed=0)
+
+
+@pytest.fixture(scope="module")
+def gqa31_model():
+    """3 query heads per key/value head, as SmolLM2-135M (9:3)."""
+    return make_tiny_llama(vocab=VOCAB, hidden=36, heads=3, kv_heads=1, layers=3, seed=4)
+
+
+def random_ids(n, seed):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, LANDMARK, (n,), generator=g).tolist()
+
+
+def engine(model, prefill, b, k, chunk, **kw):
+    cfg = LandmarkConfig(landmark_id=LANDMARK, block_size=b, top_k=k, train_context=4096, chunk_size=chunk)
+    return LandmarkEngine(model, cfg, prefill=prefill, **kw)
+
+
+def assert_same_state(serial: LandmarkEngine, layer: LandmarkEngine):
+    assert (layer.n_tokens, layer.n_blocks, layer.open_len) == (serial.n_tokens, serial.n_blocks, serial.open_len)
+    assert len(layer.trace.steps) == len(serial.trace.steps)
+    for s, l in zip(serial.trace.steps, layer.trace.steps):
+        assert (l.kind, l.position) == (s.kind, s.position)
+        assert torch.equal(l.block_ids, s.block_ids), s.position
+        assert torch.allclose(l.scores, s.scores, atol=1e-5)
+    for s, l in zip(serial.stores, layer.stores):
+        assert torch.allclose(l.landmark_keys.view(), s.landmark_keys.view(), atol=1e-5)
+        assert torch.allclose(l.keys.view(torch.float32), s.keys.view(torch.float32), atol=1e-5)
+        assert torch.allclose(l.values.view(torch.float32), s.values.view(torch.float32), atol=1e-5)
+    for a, c in zip(serial.open.keys + serial.open.values, layer.open.keys + layer.open.values):
+        assert a.shape == c.shape and torch.allclose(a, c, atol=1e-5)
+
+
+def logit_diff(a, b):
+    keep = torch.arange(VOCAB) != LANDMARK
+    return (a[keep] - b[keep]).abs().max().item()
+
+
+# (tokens, block size, top-k, chunk positions): shorter than one chunk or one
+# block, exact multiples of the chunk, partial open blocks at the end, chunks
+# that are not a multiple of the slot, top-k above the stored blocks, k = 1
+LAYOUTS = [(3, 4, 2, 10), (9, 4, 2, 10), (40, 4, 2, 10), (100, 3, 2, 8), (97, 5, 4, 7), (250, 7, 2, 16),
+           (160, 4, 3, 15), (120, 3, 1, 4), (64, 2, 8, 9), (77, 6, 3, 28)]
+
+
+@pytest.mark.parametrize("n,b,k,chunk", LAYOUTS)
+def test_layer_major_equals_chunk_serial(gqa_model, n, b, k, chunk):
+    ids = random_ids(n, seed=n + b)
+    serial, layer = engine(gqa_model, "serial", b, k, chunk), engine(gqa_model, "layer", b, k, chunk)
+    assert logit_diff(serial.feed(ids), layer.feed(ids)) <= TOL
+    assert_same_state(serial, layer)
+
+
+@pytest.mark.parametrize("n,b,k,chunk", [(150, 4, 2, 15), (130, 5, 3, 12)])
+def test_gqa_3_to_1(gqa31_model, n, b, k, chunk):
+    ids = random_ids(n, seed=7)
+    serial, layer = engine(gqa31_model, "serial", b, k, chunk), engine(gqa31_model, "layer", b, k, chunk)
+    assert logit_diff(serial.feed(ids), layer.feed(ids)) <= TOL
+    assert_same_state(serial, layer)
+
+
+@pytest.mark.parametrize("cuts", [[7, 8, 20, 21, 33], [1, 2, 3, 16, 17], [30, 60], [45]])
+def test_several_feeds_equal_serial(gqa_model, cuts):
+    """Pieces ending mid-block, on a block end, one token long; then decoding."""
+    b, k, chunk, n = 4, 2, 10, 90
+    ids = random_ids(n, seed=11)
+    serial, layer = engine(gqa_model, "serial", b, k, chunk), engine(gqa_model, "layer", b, k, chunk)
+    bounds = [0, *cuts, n]
+    for lo, hi in zip(bounds, bounds[1:]):
+        assert logit_diff(serial.feed(ids[lo:hi]), layer.feed(ids[lo:hi])) <= TOL, (lo, hi)
+    for t in random_ids(5, seed=3):
+        assert logit_diff(serial.feed([t]), layer.feed([t])) <= TOL
+    assert_same_state(serial, layer)
+
+
+def test_feeds_split_at_chunk_ends_equal_one_feed(gqa_model):
+    """Split where the serial schedule ends a chunk, two feeds are one feed."""
+    b, k, chunk = 4, 2, 10
+    ids = random_ids(83, seed=5)
+    once, twice = engine(gqa_model, "layer", b, k, chunk), engine(gqa_model, "layer", b, k, chunk)
+    at = 8 * 4  # 32 tokens + 8 landmarks = 4 chunks of 10 positions
+    twice.feed(ids[:at])
+    assert logit_diff(once.feed(ids), twice.feed(ids[at:])) <= TOL
+    assert_same_state(once, twice)
+
+
+def test_tiny_budgets_split_super_chunks_and_batches(gqa_model):
+    """Super-chunks of one or two chunks and batches of one chunk give the same result."""
+    b, k, chunk, n = 4, 3, 10, 200
+    ids = random_ids(n, seed=9)
+    serial, layer = engine(gqa_model, "serial", b, k, chunk), engine(gqa_model, "layer", b, k, chunk)
+    layer.prefill_budget = dataclasses.replace(layer.prefill_budget, positions=15, score_elements=1,
+                                               attention_elements=1, mlp_rows=7)
+    assert logit_diff(serial.feed(ids), layer.feed(ids)) <= TOL
+    assert_same_state(serial, layer)
+
+
+def test_whole_window_tiles_and_device_store(gqa_model):
+    """The GPU settings (one attention call per window, blocks in the device store) on CPU."""
+    b, k, chunk, n = 4, 2, 15, 150
+    ids = random_ids(n, seed=13)
+    serial = engine(gqa_model, "serial", b, k, chunk)
+    layer = engine(gqa_model, "layer", b, k, chunk, offload="device")
+    layer.prefill_budget = dataclasses.replace(layer.prefill_budget, query_tile=1 << 20)
+    assert logit_diff(serial.feed(ids), layer.feed(ids)) <= TOL
+    assert_same_state(serial, layer)
+
+
+def test_int8_store_and_rollback(gqa_model):
+    """Retrieved blocks come through the store (int8 round trip included), and
+    a snapshot taken after a layer-major feed rolls back as after a serial one."""
+    b, k, chunk = 4, 2, 10
+    ids = random_ids(120, seed=17)
+    serial = engine(gqa_model, "serial", b, k, chunk, kv_dtype=torch.int8)
+    layer = engine(gqa_model, "layer", b, k, chunk, kv_dtype=torch.int8)
+    serial.feed(ids[:70]), layer.feed(ids[:70])
+    marks = serial.snapshot(), layer.snapshot()
+    assert logit_diff(serial.feed(ids[70:]), layer.feed(ids[70:])) <= TOL
+    serial.rollback(marks[0]), layer.rollback(marks[1])
+    assert logit_diff(serial.feed(ids[90:]), layer.feed(ids[90:])) <= TOL
+    assert_same_state(serial, layer)
+
+
+def test_progress_counts_every_position(gqa_model):
+    layer = engine(gqa_model, "layer", 4, 2, 10)
+    seen = []
+    layer.feed(random_ids(50, seed=1), progress=seen.append)
+    assert sum(seen) == 50 + 50 // 4
+
+
+def test_plan_chunks_mirrors_the_serial_loop():
+    assert plan_chunks(25, 0, 10, 5) == [Chunk(0, 10), Chunk(10, 10), Chunk(20, 5)]
+    assert plan_chunks(12, 3, 10, 5) == [Chunk(0, 7), Chunk(7, 5)]
+    assert plan_chunks(3, 4, 2, 5) == [Chunk(0, 1), Chunk(1, 2)]  # open block longer than a chunk
+    assert super_chunks([Chunk(0, 7), Chunk(7, 10), Chunk(17, 5)], 17) == [[Chunk(0, 7), Chunk(7, 10)], [Chunk(17, 5)]]
+    assert batches([3, 3, 5, 1], 6) == [(0, 2), (2, 4)]
+    assert batches([9, 1], 4) == [(0, 1), (1, 2)]
+
+
+def test_bad_prefill_name(gqa_model):
+    with pytest.raises(ValueError, match="prefill"):
+        engine(gqa_model, "columnwise", 4, 2, 10)
