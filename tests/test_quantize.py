@@ -1,7 +1,8 @@
 """bitsandbytes quantization: the LoRA adapter is merged before quantizing; CUDA loading.
 
 The CPU test needs bitsandbytes' CPU backend (installed with lmqa); the
-`cuda` tests run only on a GPU machine: python -m pytest -m cuda tests/test_quantize.py
+`cuda` tests run only on a GPU machine (conftest skips them elsewhere):
+python -m pytest -m cuda tests/test_quantize.py
 """
 
 from __future__ import annotations
@@ -77,7 +78,6 @@ def test_adapter_merged_before_quantizing_cpu(adapter_dir, isolated_cache):
 
 
 @pytest.mark.cuda
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("kind", ["nf4", "int8"])
 def test_quantized_on_cuda(kind, tiny_model_dir):
     """Weights quantized on the GPU, bf16 compute, lm_head and embeddings (landmark row) kept; the engine runs."""
@@ -98,7 +98,6 @@ def test_quantized_on_cuda(kind, tiny_model_dir):
 
 
 @pytest.mark.cuda
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("kind", ["nf4", "int8"])
 def test_adapter_merged_before_quantizing_cuda(kind, adapter_dir, isolated_cache):
     loaded = loading.load_model(str(adapter_dir), quantize=kind, device="cuda", log=lambda m: None)
