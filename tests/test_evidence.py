@@ -11,6 +11,7 @@ import math
 import pytest
 import torch
 from rich.console import Console
+from test_chat import chat_run
 from test_cli import assert_ok, run
 from test_grouped_attention import _inference_layout
 from transformers import AttentionInterface
@@ -70,7 +71,7 @@ def model():
 
 
 def full_sequence_mass(model, stream: list[int], b: int) -> torch.Tensor:
-    """Per earlier block, the last query's landmark share summed over layers and
+    """Per earlier block, the last ordinary token's landmark share summed over layers and
     heads, from the stock HF forward over the whole sequence with an attention
     function that also evaluates the method page's formula for that query."""
     is_lm = torch.tensor([t == LANDMARK for t in stream])
@@ -78,7 +79,7 @@ def full_sequence_mass(model, stream: list[int], b: int) -> torch.Tensor:
 
     def probe(module, query, key, value, attention_mask, **kwargs):
         group = query.shape[1] // key.shape[1]
-        i = query.shape[2] - 1
+        i = max(j for j, t in enumerate(stream) if t != LANDMARK)  # the last token's query, not its landmark's
         shares = [explicit_outer(query[0, h, i], key[0, h // group], is_lm, i, b)[:-1] for h in range(query.shape[1])]
         per_layer.append(torch.tensor(shares, dtype=torch.float64).sum(0))
         return sequence_grouped_attention(query, key, value, b).transpose(1, 2).contiguous(), None
@@ -94,8 +95,9 @@ def full_sequence_mass(model, stream: list[int], b: int) -> torch.Tensor:
     return torch.stack(per_layer).sum(0)
 
 
-def test_recorded_mass_equals_full_sequence_recomputation(model):
-    b, n = 4, 23  # the last token opens no new block and closes none
+@pytest.mark.parametrize("n", [23, 24])  # 24: the last token closes its block, fed together with the landmark
+def test_recorded_mass_equals_full_sequence_recomputation(model, n):
+    b = 4
     ids = torch.randint(0, LANDMARK, (n,), generator=torch.Generator().manual_seed(4)).tolist()
     engine = LandmarkEngine(model, LandmarkConfig(landmark_id=LANDMARK, block_size=b, top_k=64, train_context=4096))
     engine.feed(ids[:-1])
@@ -105,7 +107,7 @@ def test_recorded_mass_equals_full_sequence_recomputation(model):
     engine.evidence = None
     got = recorder.result()
     want = full_sequence_mass(model, insert_landmarks(ids, b, LANDMARK), b)
-    assert len(want) == n // b == engine.n_blocks
+    assert len(want) == (n - 1) // b
     assert torch.allclose(got.mass[: len(want)], want, atol=1e-4)
     assert got.rows == len(model.model.layers) * model.config.num_attention_heads
 
@@ -204,18 +206,5 @@ def test_ask_prints_evidence_and_table_only_on_request(tiny_model_dir, tmp_path)
 
 
 def test_chat_prints_evidence_after_each_answer(session):
-    from lmqa.chat import Chat, ChatConfig
-
-    out = io.StringIO()
-    chat = Chat(session, ChatConfig(SamplingConfig(max_new_tokens=3)), Console(file=out, width=200),
-                Console(file=io.StringIO()))
-    lines = iter(["What is the pass key?", "Where?"])
-
-    def read_line(prompt):
-        try:
-            return next(lines)
-        except StopIteration:
-            raise EOFError from None
-
-    chat.run(read_line)
-    assert out.getvalue().count("Evidence") == 2 and "notes.txt:" in out.getvalue()
+    _, out, _ = chat_run(session, ["What is the pass key?", "Where?"], max_new_tokens=3)
+    assert out.count("Evidence") == 2 and "notes.txt:" in out
