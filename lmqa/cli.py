@@ -9,7 +9,7 @@ import random
 import sys
 import time
 import warnings
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -60,18 +60,37 @@ def _version(value: bool):
         raise typer.Exit()
 
 
+@dataclass
+class EngineSettings:
+    """Engine options that reach every command's engine without threading
+    them through each helper: -v for all commands; --prefill and
+    --max-gpu-memory where a command offers them."""
+
+    verbose: bool = False
+    prefill: str = "layer"
+    max_gpu_memory: str = "auto"
+
+
+ENGINE = EngineSettings()
+
+
 @app.callback()
 def main(version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
-                                               help="Print the version and exit.")] = False):
+                                               help="Print the version and exit.")] = False,
+         verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Also print where block keys/values live and how much memory they take.")] = False):
     """lmqa holds a whole document in one context cut into landmark blocks, and
     retrieves the few blocks each layer needs for every step."""
+    global ENGINE
+    ENGINE = EngineSettings(verbose=verbose)
 
 
 # ----- shared model options -----
 ModelOpt = Annotated[Optional[str], typer.Option("--model", "-m", help="Manifest name (see `lmqa models list`), hf:ORG/NAME[@REV], Hugging Face or `lmqa train` directory, or .gguf file. Default: the shipped landmark model.")]
 QuantOpt = Annotated[str, typer.Option("--quantize", "-q", help="Weights: none, int8 or nf4 (bitsandbytes).")]
 DeviceOpt = Annotated[str, typer.Option("--device", help="auto, cpu or cuda.")]
-OffloadOpt = Annotated[str, typer.Option("--kv-offload", help="Where block keys/values live: cpu (host memory) or device.")]
+OffloadOpt = Annotated[str, typer.Option("--kv-offload", help="Where block keys/values live: cpu (host memory), device, or auto (on the GPU while they fit --max-gpu-memory, else host memory; host memory on a CPU).")]
+PrefillOpt = Annotated[str, typer.Option("--prefill", help="layer (whole input one layer at a time: fast) or serial (chunk by chunk through all layers: the reference).")]
+MaxGpuOpt = Annotated[str, typer.Option("--max-gpu-memory", help="With --kv-offload auto: GPU memory block keys/values may take (e.g. 20GiB); auto = half the GPU memory free at start.")]
 TopKOpt = Annotated[Optional[int], typer.Option("--top-k", "-k", min=1, help="Blocks retrieved per head and step (default: the model's).")]
 BlockOpt = Annotated[Optional[int], typer.Option("--block-size", min=2, help="Tokens per block (only for models not trained with landmarks).")]
 
@@ -97,15 +116,46 @@ def _load(model, quantize, device, top_k, block_size):
 
 
 def _check_offload(offload: str) -> None:
-    if offload not in ("cpu", "device"):
-        raise UserError(f"--kv-offload must be cpu or device, not {offload!r}")
+    if offload not in ("cpu", "device", "auto"):
+        raise UserError(f"--kv-offload must be cpu, device or auto, not {offload!r}")
+
+
+def _engine_settings(prefill: str, max_gpu_memory: str) -> None:
+    """Check and keep a command's --prefill and --max-gpu-memory for _engine."""
+    from .memory_budget import parse_budget
+
+    if prefill not in ("layer", "serial"):
+        raise UserError(f"--prefill must be layer or serial, not {prefill!r}")
+    try:
+        parse_budget(max_gpu_memory)
+    except ValueError as e:
+        raise UserError(f"--max-gpu-memory: {e}") from None
+    ENGINE.prefill, ENGINE.max_gpu_memory = prefill, max_gpu_memory
 
 
 def _engine(loaded, offload, kv_dtype=None):
     from .engine import LandmarkEngine
+    from .memory_budget import format_size, parse_budget
 
     _check_offload(offload)
-    return LandmarkEngine(loaded.model, loaded.landmark, offload=offload, kv_dtype=kv_dtype)
+    engine = LandmarkEngine(loaded.model, loaded.landmark, offload=offload, kv_dtype=kv_dtype, prefill=ENGINE.prefill,
+                            max_device_bytes=parse_budget(ENGINE.max_gpu_memory))
+    if ENGINE.verbose:
+        why = (f" (auto: on the device up to {format_size(engine.auto_offload.limit)})"
+               if engine.auto_offload and engine.auto_offload.limit else "")
+        err.print(f"[dim]block keys/values: {'device' if engine.offload == 'device' else 'host memory'}{why}; "
+                  f"{ENGINE.prefill} prefill on {engine.device}[/dim]")
+    return engine
+
+
+def _report_memory(engine) -> None:
+    """With -v: where the context's blocks ended up and what they take there."""
+    from .memory_budget import format_size
+
+    if ENGINE.verbose:
+        on = engine.memory()
+        err.print(f"[dim]{engine.n_blocks:,} blocks, keys/values {'on the device' if engine.offload == 'device' else 'in host memory'}: "
+                  f"{format_size(on['device'])} on the device, {format_size(on['host'])} in host memory[/dim]")
 
 
 def _prefill_bar(total: int, label: str):
@@ -135,8 +185,9 @@ def passkey(
     seed: Annotated[int, typer.Option("--seed", help="Random seed for keys and depths.")] = 0,
     depth: Annotated[Optional[float], typer.Option("--depth", "-d", min=0.0, max=1.0, help="Key position as a fraction of the prompt (default: random).")] = None,
     model: ModelOpt = None, quantize: QuantOpt = "none", device: DeviceOpt = "auto",
-    kv_offload: OffloadOpt = "cpu", top_k: TopKOpt = None, block_size: BlockOpt = None,
+    kv_offload: OffloadOpt = "auto", top_k: TopKOpt = None, block_size: BlockOpt = None,
     attention: Annotated[str, typer.Option("--attention", help="landmark (the engine) or full (transformers' own attention over the whole prompt: the baseline).")] = "landmark",
+    prefill: PrefillOpt = "layer", max_gpu_memory: MaxGpuOpt = "auto",
 ):
     """The paper's passkey retrieval test: find a number hidden in LENGTH tokens of filler."""
     from .generation import SamplingConfig, generate, generate_full_attention
@@ -146,6 +197,7 @@ def passkey(
         raise UserError(f"--length {length} is too small: use at least 64 tokens")
     if attention not in ("landmark", "full"):
         raise UserError(f"--attention must be landmark or full, not {attention!r}")
+    _engine_settings(prefill, max_gpu_memory)
     loaded = _load(model, quantize, device, top_k, block_size)
     engine = _engine(loaded, kv_offload)
     tok = loaded.tokenizer
@@ -174,6 +226,7 @@ def passkey(
         table.add_row(str(trial + 1), f"{case.n_tokens:,}", f"{case.depth:.2f}", str(case.key), str(answer),
                       "[green]yes[/green]" if ok else "[red]no[/red]", f"{case.n_tokens / elapsed:,.0f}")
         err.print(f"trial {trial + 1}: key {case.key}, answer {answer} ({'ok' if ok else 'wrong'}), {elapsed:.1f} s")
+        _report_memory(engine)
     console.print(table)
     console.print(f"accuracy: {correct}/{trials} = {100 * correct / trials:.0f}% at {length:,} tokens")
 
@@ -197,7 +250,7 @@ def eval_command(
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", min=1, help="Longest answer, in tokens.")] = 32,
     as_json: Annotated[bool, typer.Option("--json", help="Print the JSON result (summary and every trial) and nothing else on stdout.")] = False,
     model: ModelOpt = None, quantize: QuantOpt = "none", device: DeviceOpt = "auto",
-    kv_offload: OffloadOpt = "cpu", top_k: TopKOpt = None,
+    kv_offload: OffloadOpt = "auto", top_k: TopKOpt = None,
 ):
     """Needle-QA, passkey and code grids (lengths x depths) with baselines: a table, a heatmap PNG and every trial as JSON."""
     from .eval_report import report, summarize, table, write_outputs
@@ -278,6 +331,10 @@ def _ingest(path: Path, include: list[str], exclude: list[str]):
                   f"{escape('; '.join(document.skipped.lines()))}[/dim]", soft_wrap=True, highlight=False)
     return document
 
+
+# A question is fed after the document like any text, but one longer than this
+# is a document pasted in the wrong place (and minutes of prefill on a CPU).
+MAX_QUESTION_CHARS = 20_000
 
 KvDtypeOpt = Annotated[Optional[str], typer.Option("--kv-dtype", help="How block keys/values are kept on the host: fp32, fp16, bf16 or int8 (default: the model's dtype; a context file keeps its own).")]
 
@@ -409,7 +466,8 @@ def ask(
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON result (answer, timings, evidence passages, retrieved spans with --show-blocks) and nothing else on stdout.")] = False,
     kv_dtype: KvDtypeOpt = None,
     model: ModelOpt = None, quantize: QuantOpt = "none", device: DeviceOpt = "auto",
-    kv_offload: OffloadOpt = "cpu", top_k: TopKOpt = None, block_size: BlockOpt = None,
+    kv_offload: OffloadOpt = "auto", top_k: TopKOpt = None, block_size: BlockOpt = None,
+    prefill: PrefillOpt = "layer", max_gpu_memory: MaxGpuOpt = "auto",
 ):
     """Read a book or codebase into one landmark context and answer QUESTION, with the passages the answer read (file:line)."""
     from .evidence import passages
@@ -419,10 +477,15 @@ def ask(
 
     if not question.strip():
         raise UserError("the question is empty")
+    if len(question) > MAX_QUESTION_CHARS:
+        raise UserError(f"the question is {len(question):,} characters long, over the limit of {MAX_QUESTION_CHARS:,}: "
+                        f"put long text in the document and ask about it")
     _output_path(trace, "--trace")
     _output_path(plot, "--plot")
+    _engine_settings(prefill, max_gpu_memory)
     session = _session(path, include, exclude, max_memory, model, quantize, device, kv_offload, top_k, block_size,
                        kv_dtype)
+    _report_memory(session.engine)
 
     decoder = StreamDecoder(session.loaded.tokenizer)
 
@@ -517,16 +580,24 @@ def models_pull(
 @friendly
 def bench(
     lengths: Annotated[str, typer.Option("--lengths", help="Comma-separated context lengths in tokens.")] = "2000,8000,32000",
-    max_full: Annotated[int, typer.Option("--max-full", help="Skip full attention past this length (its prefill is quadratic).")] = 32000,
+    max_full: Annotated[int, typer.Option("--max-full", min=0, help="Skip full attention past this length (its prefill is quadratic).")] = 32000,
     new_tokens: Annotated[int, typer.Option("--new-tokens", min=1, help="Tokens decoded per measurement.")] = 16,
     seed: Annotated[int, typer.Option("--seed")] = 0,
     model: ModelOpt = None, quantize: QuantOpt = "none", device: DeviceOpt = "auto",
-    kv_offload: OffloadOpt = "cpu", top_k: TopKOpt = None,
+    kv_offload: OffloadOpt = "auto", top_k: TopKOpt = None,
+    prefill: Annotated[str, typer.Option("--prefill", help="Engine prefill paths to measure, comma-separated: layer (layer-major), serial (chunk-serial, the reference) or both.")] = "layer",
+    max_gpu_memory: MaxGpuOpt = "auto",
 ):
     """Engine vs transformers' full attention: prefill tokens/s, decode ms/token and memory, in one run."""
     import torch
 
     from .bench import bench_engine, bench_full, prompt_ids
+    from .memory_budget import format_size
+
+    paths = [p.strip() for p in prefill.split(",") if p.strip()]
+    if not paths or set(paths) - {"layer", "serial"}:
+        raise UserError(f"--prefill must be layer, serial or both (comma-separated), not {prefill!r}")
+    _engine_settings(paths[0], max_gpu_memory)
 
     try:
         sizes = [int(x) for x in lengths.split(",") if x.strip()]
@@ -536,26 +607,44 @@ def bench(
         raise UserError("--lengths needs lengths of at least 64 tokens")
     loaded = _load(model, quantize, device, top_k, None)
     engine = _engine(loaded, kv_offload)
-    engine.feed(prompt_ids(loaded.tokenizer, 256, seed))  # warm-up: first calls allocate and pick kernels
+    for path in paths:  # warm-up: first calls allocate and pick kernels
+        engine.prefill = path
+        engine.feed(prompt_ids(loaded.tokenizer, 256, seed))
     rows = []
     for n in sizes:
         ids = prompt_ids(loaded.tokenizer, n, seed)
-        with err.status(f"landmark engine at {n:,} tokens"):
-            rows.append(bench_engine(engine, ids, new_tokens))
+        for path in paths:
+            engine.prefill = path
+            with err.status(f"landmark engine ({path} prefill) at {n:,} tokens"):
+                rows.append(bench_engine(engine, ids, new_tokens))
         if n <= max_full:
             with err.status(f"full attention at {n:,} tokens"):
                 rows.append(bench_full(loaded.model, ids, new_tokens))
     table = Table(title=f"lmqa bench: {loaded.name}, k={loaded.landmark.top_k}, b={loaded.landmark.block_size}, "
                         f"{torch.get_num_threads()} threads, device {engine.device}")
-    for col in ("method", "tokens", "prefill tok/s", "decode ms/token", "peak MiB", "KV cache MiB"):
+    cuda = engine.device.type == "cuda"
+    for col in ("method", "tokens", "prefill tok/s", "decode ms/token", "peak MiB", *(["GPU peak MiB"] * cuda),
+                "KV cache MiB", "blocks on", "KV device / host MiB"):
         table.add_column(col, justify="right")
     for r in rows:
-        table.add_row(r.method, f"{r.tokens:,}", f"{r.prefill_tok_s:,.0f}", f"{r.decode_ms:,.1f}",
-                      f"{r.peak_mib:,.0f}", f"{r.cache_mib:,.1f}")
+        table.add_row(r.method, f"{r.tokens:,}", f"{r.prefill_tok_s:,.0f}", f"{r.decode_ms:,.1f}", f"{r.peak_mib:,.0f}",
+                      *([f"{r.gpu_peak_mib:,.0f}"] * cuda), f"{r.cache_mib:,.1f}", r.blocks_on or "-",
+                      f"{r.cache_device_mib:,.1f} / {r.cache_host_mib:,.1f}" if r.blocks_on else "-")
     console.print(table)
-    engine_rows = [r for r in rows if r.method == "landmark"]
-    first, last = engine_rows[0], engine_rows[-1]
-    console.print(f"engine decode at {last.tokens:,} tokens is {last.decode_ms / first.decode_ms:.2f}x that at {first.tokens:,}")
+    if engine.auto_offload is not None and engine.auto_offload.limit:
+        console.print(f"--kv-offload auto: blocks on the device up to {format_size(engine.auto_offload.limit)}, "
+                      f"else in host memory")
+    for method in dict.fromkeys(r.method for r in rows if r.method != "full"):
+        engine_rows = [r for r in rows if r.method == method]
+        first, last = engine_rows[0], engine_rows[-1]
+        label = "engine" if method == "landmark" else f"engine ({method})"
+        console.print(f"{label} decode at {last.tokens:,} tokens is {last.decode_ms / first.decode_ms:.2f}x "
+                      f"that at {first.tokens:,}")
+    if len(paths) == 2:
+        for n in sizes:
+            by = {r.method: r for r in rows if r.tokens == n}
+            console.print(f"layer-major prefill at {n:,} tokens: {by['landmark'].prefill_tok_s / by['landmark-serial'].prefill_tok_s:.2f}x "
+                          f"the chunk-serial one; decode {by['landmark'].decode_ms / by['landmark-serial'].decode_ms:.2f}x")
 
 
 # ----- train -----
@@ -568,7 +657,7 @@ def train_command(
     context: Annotated[int, typer.Option(min=32, help="Training context in positions (landmarks included).")] = 1024,
     batch_size: Annotated[int, typer.Option(min=1, help="Sequences per step and device.")] = 8,
     grad_accum: Annotated[int, typer.Option(min=1, help="Gradient accumulation steps.")] = 1,
-    lr: Annotated[float, typer.Option(help="Peak learning rate (cosine schedule).")] = 5e-4,
+    lr: Annotated[float, typer.Option(min=0.0, help="Peak learning rate (cosine schedule).")] = 5e-4,
     synthetic_rate: Annotated[float, typer.Option(min=0.0, max=1.0, help="Share of synthetic long-range retrieval examples.")] = 0.5,
     qa_rate: Annotated[float, typer.Option(min=0.0, max=1.0, help="Share of document/codebase QA examples in the ask prompt format (taken before --synthetic-rate applies to the rest).")] = 0.0,
     code: Annotated[Optional[list[Path]], typer.Option(help="Python source directory for codebase QA examples (repeatable).")] = None,
@@ -576,7 +665,7 @@ def train_command(
     lora_rank: Annotated[int, typer.Option(min=1, help="LoRA rank on all attention and MLP projections.")] = 16,
     attention_tile: Annotated[Optional[int], typer.Option(min=1, help="Query blocks per attention tile (memory-efficient grouped softmax).")] = 4,
     save_every: Annotated[int, typer.Option(min=1, help="Checkpoint interval in steps.")] = 100,
-    max_minutes: Annotated[Optional[float], typer.Option(help="Stop with a checkpoint after this many minutes.")] = None,
+    max_minutes: Annotated[Optional[float], typer.Option(min=0.0, help="Stop with a checkpoint after this many minutes.")] = None,
     tokenize_only: Annotated[Optional[Path], typer.Option(help="Only tokenize DATA into this .safetensors file and exit.")] = None,
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
     model: ModelOpt = None, device: DeviceOpt = "auto", block_size: BlockOpt = None,
@@ -654,7 +743,7 @@ def ingest_command(
     resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted ingest of the same document with the same model and settings from its last checkpoint.")] = False,
     checkpoint_size: Annotated[str, typer.Option("--checkpoint-size", help="Block keys/values written and checkpointed at a time (e.g. 64MiB): what ingest holds in memory besides the model and landmark keys.")] = "64MiB",
     model: ModelOpt = None, quantize: QuantOpt = "none", device: DeviceOpt = "auto",
-    kv_offload: OffloadOpt = "cpu", block_size: BlockOpt = None,
+    kv_offload: OffloadOpt = "auto", block_size: BlockOpt = None,
 ):
     """Read a book or codebase once and save its landmark context, so `lmqa ask FILE.lmqa` and `lmqa chat FILE.lmqa` answer in seconds."""
     from .context_file import SUFFIX
@@ -709,7 +798,7 @@ def chat(
     keep: Annotated[bool, typer.Option("--keep", help="Keep the conversation from the start (/keep on).")] = False,
     kv_dtype: KvDtypeOpt = None,
     model: ModelOpt = None, quantize: QuantOpt = "none", device: DeviceOpt = "auto",
-    kv_offload: OffloadOpt = "cpu", top_k: TopKOpt = None, block_size: BlockOpt = None,
+    kv_offload: OffloadOpt = "auto", top_k: TopKOpt = None, block_size: BlockOpt = None,
 ):
     """Ask question after question about one document or context file (a REPL; /help lists its commands)."""
     from .chat import Chat, ChatConfig, line_reader

@@ -37,6 +37,7 @@ class TrainConfig:
     warmup: int = 30
     weight_decay: float = 0.0
     synthetic_rate: float = 0.5
+    qa_rate: float = 0.0  # document/codebase QA examples (qa_data.py), drawn before synthetic_rate applies
     lora_rank: int = 16
     lora_alpha: int = 32
     save_every: int = 100
@@ -71,6 +72,17 @@ def add_lora(model, landmark_id: int, rank: int, alpha: int):
     config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0, target_modules=LORA_TARGETS,
                         trainable_token_indices={"embed_tokens": [landmark_id]}, task_type="CAUSAL_LM")
     return get_peft_model(model, config)
+
+
+def load_adapter_weights(model, path: Path) -> None:
+    """Start a fresh LoRA (same rank and targets) from a saved adapter, e.g.
+    to continue training the shipped one on new data."""
+    from peft import set_peft_model_state_dict
+
+    result = set_peft_model_state_dict(model, load_file(path))
+    if result.unexpected_keys:
+        raise ValueError(f"{path}: {len(result.unexpected_keys)} tensors do not fit this LoRA "
+                         f"(e.g. {result.unexpected_keys[0]}); is its rank or base model different?")
 
 
 # ----- checkpoints -----

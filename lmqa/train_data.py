@@ -61,6 +61,7 @@ def load_stream(path: Path) -> torch.Tensor:
 class Example:
     ids: list[int]  # ordinary tokens, no landmarks
     loss_from: int  # first position whose next token is a training target
+    holes: tuple[tuple[int, int], ...] = ()  # [start, end) positions after loss_from that predict nothing
 
 
 class ExampleSampler:
@@ -119,7 +120,7 @@ def landmark_batch(examples: list[Example], block_size: int, landmark_id: int) -
         lab = [-100] * len(seq)
         ordinary = [i for i, t in enumerate(seq) if t != landmark_id]
         for n, (i, j) in enumerate(zip(ordinary, ordinary[1:])):
-            if n >= ex.loss_from:
+            if n >= ex.loss_from and not any(a <= n < b for a, b in ex.holes):
                 lab[i] = seq[j]
         inputs.append(seq)
         labels.append(lab)
