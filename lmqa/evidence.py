@@ -22,7 +22,8 @@ import torch
 if TYPE_CHECKING:
     from .qa import DocumentSession
 
-PASSAGES = 3  # at most this many passages per answer; neighbouring top blocks merge into one
+PASSAGES = 3  # at most this many passages per answer
+RUN = 3  # neighbouring blocks merged into one passage, at most
 
 
 @dataclass(frozen=True)
@@ -97,22 +98,28 @@ def document_blocks(session: DocumentSession) -> range:
 
 
 def passages(session: DocumentSession, evidence: BlockMass | None, limit: int = PASSAGES) -> list[Passage]:
-    """The `limit` document blocks with the most mass, neighbours in the same
-    file merged, most mass first."""
+    """Up to `limit` passages, most mass first. Blocks are taken by mass: a
+    block next to a passage in the same file joins it (up to RUN blocks), a
+    block next to a full passage is passed over, any other starts a new one,
+    so a run of neighbours shows as one passage and the rest go elsewhere."""
     if evidence is None or not evidence.rows:
         return []
     allowed = document_blocks(session)
     mass = evidence.mass[allowed.start : min(allowed.stop, len(evidence.mass))]
-    if not len(mass):
-        return []
-    values, order = mass.topk(min(limit, len(mass)))
-    top = sorted(allowed.start + int(i) for v, i in zip(values.tolist(), order.tolist()) if v > 0)
     runs: list[list[int]] = []
-    for block in top:
-        if runs and block == runs[-1][-1] + 1 and _same_part(session, runs[-1][-1], block):
-            runs[-1].append(block)
-        else:
+    for i in mass.argsort(descending=True, stable=True).tolist():
+        block = allowed.start + i
+        if mass[i] <= 0:
+            break
+        near = [r for r in runs if block in (r[0] - 1, r[-1] + 1) and _same_part(session, block, r[0])]
+        if near:
+            if len(near[0]) < RUN:
+                near[0].append(block)
+                near[0].sort()
+        elif len(runs) < limit:
             runs.append([block])
+        else:
+            break
     found = [_passage(session, run, evidence) for run in runs]
     return sorted(found, key=lambda p: (-p.mass, p.blocks[0]))
 

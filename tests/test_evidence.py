@@ -171,6 +171,16 @@ def test_passages_merge_neighbours_and_map_lines(session):
     assert set(first.to_json()) == {"file", "start_line", "end_line", "block", "blocks", "mass", "share", "text"}
 
 
+def test_passages_cap_a_run_and_look_elsewhere(session):
+    a = document_blocks(session).start + 1
+    mass = torch.zeros(a + 12, dtype=torch.float64)
+    mass[a : a + 5] = torch.tensor([9.0, 8.0, 7.0, 6.0, 5.0])
+    mass[a + 8] = 1.0
+    found = passages(session, BlockMass(mass, rows=1))
+    # a+3 touches the full run of 3 and is passed over; a+4 and a+8 are other places
+    assert [p.blocks for p in found] == [(a, a + 1, a + 2), (a + 4,), (a + 8,)]
+
+
 def test_excerpt_cuts_at_a_word():
     assert excerpt("a  b\n c") == "a b c"
     cut = excerpt("word " * 100, width=42)
