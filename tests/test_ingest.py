@@ -90,17 +90,23 @@ def test_utf16_with_a_bom_is_text_not_binary(tmp_path):
     assert doc.text == "hello\nwörld\n" and doc.warnings == []
 
 
-def test_non_utf8_is_replaced_and_reported(tmp_path):
-    doc = ingest(write(tmp_path, "latin.txt", "café crème\n".encode("latin-1")))
-    assert doc.text == "caf\ufffd cr\ufffdme\n"
-    assert len(doc.warnings) == 1 and "latin.txt" in doc.warnings[0] and "2 " in doc.warnings[0]
+def test_latin1_is_read_as_such_and_reported(tmp_path):
+    doc = ingest(write(tmp_path, "latin.txt", "café crème \u201cquoted\u201d\n".encode("cp1252")))
+    assert doc.text == "café crème \u201cquoted\u201d\n"
+    assert doc.warnings == ["latin.txt: not UTF-8; read as Latin-1 (Windows-1252)"]
+
+
+def test_damaged_utf8_is_replaced_and_reported(tmp_path):
+    doc = ingest(write(tmp_path, "damaged.txt", "café crème\n".encode() + b"\xff\xfe\n"))
+    assert doc.text == "café crème\n\ufffd\ufffd\n"
+    assert len(doc.warnings) == 1 and "damaged.txt" in doc.warnings[0] and "2 " in doc.warnings[0]
 
 
 def test_stdin(monkeypatch):
-    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(b"from a pipe\n\xff\n")))
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO("from a pipe \u00e9\n".encode() + b"\xff\n")))
     doc = ingest("-")
     assert doc.source == "-" and titles(doc) == ["<stdin>"]
-    assert doc.text == "from a pipe\n\ufffd\n"
+    assert doc.text == "from a pipe \u00e9\n\ufffd\n"
     assert len(doc.warnings) == 1
 
 
@@ -235,7 +241,7 @@ def test_each_file_is_headed_by_its_path_and_segments_hold_exactly_its_text(tmp_
 def test_non_utf8_file_in_a_codebase_is_kept_with_a_warning(tmp_path):
     write(tmp_path, "old.c", "/* caf\xe9 */\nint x;\n".encode("latin-1"))
     doc = ingest(tmp_path)
-    assert titles(doc) == ["old.c"] and "\ufffd" in doc.text
+    assert titles(doc) == ["old.c"] and "caf\u00e9" in doc.text
     assert len(doc.warnings) == 1 and doc.warnings[0].startswith("old.c:")
 
 

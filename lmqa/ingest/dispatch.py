@@ -25,14 +25,22 @@ def ingest(path: str | Path, include: Sequence[str] = (), exclude: Sequence[str]
     if str(path) == STDIN:
         return read_stdin()
     path = Path(path)
-    if not path.exists():
-        raise IngestError(f"{path}: no such file or directory")
-    if path.is_dir():
-        return read_directory(path, include, exclude, max_file_bytes)
-    reader = _READERS.get(path.suffix.lower())
-    if reader is None:
-        raise IngestError(f"{path}: unsupported file type {path.suffix or '(no extension)'!r}; "
-                          f"supported: {', '.join(SUPPORTED)}, a directory, or - for standard input")
-    if path.stat().st_size == 0:
-        raise IngestError(f"{path}: the file is empty")
-    return reader(path)
+    try:
+        if path.is_symlink() and not path.exists():
+            raise IngestError(f"{path}: a broken symbolic link or a symlink loop")
+        if not path.exists():
+            raise IngestError(f"{path}: no such file or directory")
+        if path.is_dir():
+            return read_directory(path, include, exclude, max_file_bytes)
+        if not path.is_file():  # reading a FIFO or a device could block or never end
+            raise IngestError(f"{path}: not a regular file (a FIFO, device or socket); to read a stream, "
+                              f"pipe it into `-` (standard input)")
+        reader = _READERS.get(path.suffix.lower())
+        if reader is None:
+            raise IngestError(f"{path}: unsupported file type {path.suffix or '(no extension)'!r}; "
+                              f"supported: {', '.join(SUPPORTED)}, a directory, or - for standard input")
+        if path.stat().st_size == 0:
+            raise IngestError(f"{path}: the file is empty")
+        return reader(path)
+    except OSError as e:  # permissions, a path component that is a file, I/O errors
+        raise IngestError(f"{path}: {e.strerror or e}") from None

@@ -32,7 +32,8 @@ def read_pdf(path: Path) -> Document:
             continue
         # Through bytes, so lone surrogates from broken font maps become U+FFFD
         # with a warning instead of failing in the tokenizer.
-        text = decode(text.encode("utf-8", errors="surrogatepass"), f"{path} {title}", builder.document.warnings)
+        text = decode(text.encode("utf-8", errors="surrogatepass"), f"{path} {title}", builder.document.warnings,
+                      legacy=False)
         if not text.strip():
             builder.document.skipped.add("no text (scanned or blank page)", title)
             continue
