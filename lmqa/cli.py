@@ -624,11 +624,11 @@ def bench(
                         f"{torch.get_num_threads()} threads, device {engine.device}")
     cuda = engine.device.type == "cuda"
     for col in ("method", "tokens", "prefill tok/s", "decode ms/token", "peak MiB", *(["GPU peak MiB"] * cuda),
-                "KV cache MiB", "blocks on", "KV device / host MiB"):
-        table.add_column(col, justify="right")
+                "KV cache MiB", "KV MiB device / host"):
+        table.add_column(col, justify="right", no_wrap=col in ("method", "tokens"))
     for r in rows:
         table.add_row(r.method, f"{r.tokens:,}", f"{r.prefill_tok_s:,.0f}", f"{r.decode_ms:,.1f}", f"{r.peak_mib:,.0f}",
-                      *([f"{r.gpu_peak_mib:,.0f}"] * cuda), f"{r.cache_mib:,.1f}", r.blocks_on or "-",
+                      *([f"{r.gpu_peak_mib:,.0f}"] if cuda else []), f"{r.cache_mib:,.1f}",
                       f"{r.cache_device_mib:,.1f} / {r.cache_host_mib:,.1f}" if r.blocks_on else "-")
     console.print(table)
     if engine.auto_offload is not None and engine.auto_offload.limit:

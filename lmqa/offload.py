@@ -37,12 +37,17 @@ class AutoOffload:
 
     def before_feed(self, engine, n_tokens: int) -> None:
         """Move the engine's stores to the host if feeding n_tokens more would
-        take its device-resident blocks past the limit."""
-        if engine.offload != "device":
+        take its blocks past the limit; an empty context (after reset) goes
+        back to the device when this feed fits."""
+        if not self.limit:  # CPU: nothing to choose
             return
         new_blocks = (engine.open_len + n_tokens) // engine.config.block_size
-        if engine.memory()["device"] + new_blocks * block_bytes(engine) > self.limit:
+        fits = (engine.n_blocks + new_blocks) * block_bytes(engine) <= self.limit
+        if engine.offload == "device" and not fits:
             spill_to_host(engine)
+        elif engine.offload == "cpu" and fits and engine.n_blocks == 0:
+            engine.offload = "device"
+            engine.stores = [engine.new_store() for _ in engine.stores]
 
 
 def block_bytes(engine) -> int:
