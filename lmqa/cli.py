@@ -420,7 +420,7 @@ def _read_session(path: Path, include, exclude, max_memory: str, model, quantize
     session, allowed = _prepared_session(path, include, exclude, max_memory, model, quantize, device, kv_offload,
                                          top_k, block_size, kv_dtype)
     need = session.cache_bytes()
-    piece_bytes = fitting_piece_bytes(session, allowed) if kv_offload == "cpu" else None  # device blocks stay put
+    piece_bytes = fitting_piece_bytes(session, allowed) if session.engine.offload == "cpu" else None  # device blocks stay put
     if need > allowed and piece_bytes is None:
         raise _over_budget(session, need, allowed)
     progress, advance = _prefill_bar(session.positions, "reading")
@@ -760,7 +760,7 @@ def ingest_command(
         raise UserError(f"--checkpoint-size must be a size of at least 1 byte, not {checkpoint_size!r}")
     session, allowed = _prepared_session(path, include, exclude, max_memory, model, quantize, device, kv_offload,
                                          None, block_size, _kv_dtype(kv_dtype))
-    need = resident_bytes(session, piece_bytes) if kv_offload == "cpu" else session.cache_bytes()
+    need = resident_bytes(session, piece_bytes) if session.engine.offload == "cpu" else session.cache_bytes()
     if need > allowed:
         raise _over_budget(session, need, allowed)
     work = partial_path(output)

@@ -251,7 +251,7 @@ CASES = [
     Case("unknown device", ask("{doc}", "--device", "tpu"), "unknown device 'tpu'"),
     Case("unknown quantization", ask("{doc}", "--quantize", "int4"), "unknown quantization 'int4'"),
     Case("unknown kv dtype", ingest("{doc}", "--kv-dtype", "fp8"), "--kv-dtype: unknown kv dtype 'fp8'"),
-    Case("unknown kv offload", ask("{doc}", "--kv-offload", "disk"), "--kv-offload must be cpu or device"),
+    Case("unknown kv offload", ask("{doc}", "--kv-offload", "disk"), "--kv-offload must be cpu, device or auto"),
     # ----- questions -----
     Case("empty question", ask("{doc}", question=""), "the question is empty"),
     Case("blank question", ask("{doc}", question=" \n "), "the question is empty"),
