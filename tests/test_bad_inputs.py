@@ -15,11 +15,10 @@ from __future__ import annotations
 
 import errno
 import os
-import shutil
 import struct
 import subprocess
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest

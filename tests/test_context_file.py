@@ -44,8 +44,12 @@ def document(tmp_path_factory):
     return ingest(path)
 
 
+def fresh(loaded, document, kv_dtype=None) -> DocumentSession:
+    return DocumentSession(loaded, LandmarkEngine(loaded.model, loaded.landmark, kv_dtype=kv_dtype), document)
+
+
 def ingested(loaded, document, kv_dtype=None) -> DocumentSession:
-    session = DocumentSession(loaded, LandmarkEngine(loaded.model, loaded.landmark, kv_dtype=kv_dtype), document)
+    session = fresh(loaded, document, kv_dtype)
     session.ingest()
     return session
 

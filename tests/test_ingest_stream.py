@@ -11,22 +11,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_context_file import GREEDY, QUESTIONS, TEXT, loaded_model, same_answers
+from test_context_file import GREEDY, QUESTIONS, TEXT, fresh, loaded, same_answers  # noqa: F401 (loaded: a fixture)
 
 from lmqa import context_file
 from lmqa.context_file import ContextError, ContextWriter, load, save
 from lmqa.context_stream import ingest_file, partial_path
-from lmqa.engine import LandmarkEngine
 from lmqa.ingest import ingest
-from lmqa.qa import DocumentSession
 
 LONG = TEXT * 4  # about 250 blocks of 8 tokens
 PIECE = 100_000  # bytes per piece: 20 blocks of the tiny model (a multiple of its 5-block prefill chunk)
-
-
-@pytest.fixture(scope="module")
-def loaded(tiny_model_dir):
-    return loaded_model(tiny_model_dir)
 
 
 @pytest.fixture(scope="module")
@@ -34,10 +27,6 @@ def document(tmp_path_factory):
     path = tmp_path_factory.mktemp("doc") / "doc.txt"
     path.write_text(LONG)
     return ingest(path)
-
-
-def fresh(loaded, document, kv_dtype=None) -> DocumentSession:
-    return DocumentSession(loaded, LandmarkEngine(loaded.model, loaded.landmark, kv_dtype=kv_dtype), document)
 
 
 def sha(path: Path) -> str:
