@@ -279,13 +279,18 @@ def eval_command(
         evaluator = Evaluator(loaded, engine, settings, book_texts, load_needles(), base, code_tree)
         progress, evaluator.progress = _prefill_bar(evaluator.positions(), "eval")
         done = []
-        with progress:
-            for cell in evaluator.cells():
-                for t in evaluator.run(*cell):
-                    done.append(t)
-                    err.print(f"[dim]{t.task} {t.length:,} depth {100 * t.depth:g}% #{t.trial + 1} {t.method}: "
-                              f"{'ok' if t.correct else 'wrong'} in {t.seconds:.1f} s: {escape(t.answer[:70])!r}[/dim]",
-                              soft_wrap=True, highlight=False)
+        try:
+            with progress:
+                for cell in evaluator.cells():
+                    for t in evaluator.run(*cell):
+                        done.append(t)
+                        err.print(f"[dim]{t.task} {t.length:,} depth {100 * t.depth:g}% #{t.trial + 1} {t.method}: "
+                                  f"{'ok' if t.correct else 'wrong'} in {t.seconds:.1f} s: {escape(t.answer[:70])!r}[/dim]",
+                                  soft_wrap=True, highlight=False)
+        except KeyboardInterrupt:  # a long grid stopped by hand still reports the trials it finished
+            if not done:
+                raise
+            err.print(f"[yellow]interrupted:[/yellow] reporting the {len(done)} trials done")
     except EvalError as e:
         raise UserError(str(e)) from None
     rows = summarize(done)

@@ -177,6 +177,22 @@ def test_cli_keeps_old_outputs_when_plotting_fails(tiny_model_dir, tmp_path, mon
     assert not list(out.glob(".*tmp")), list(out.iterdir())
 
 
+def test_cli_interrupted_reports_the_trials_done(tiny_model_dir, tmp_path, monkeypatch):
+    original, calls = Evaluator.run, []
+
+    def stop_at_the_second(self, *cell):
+        calls.append(cell)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return original(self, *cell)
+
+    monkeypatch.setattr(Evaluator, "run", stop_at_the_second)
+    res = run(CliRunner(), "eval", "--model", tiny_model_dir, "--tasks", "passkey", "--lengths", "300", "--depths",
+              "0,50", "--trials", 1, "--device", "cpu", "-o", tmp_path / "out", "--json")
+    assert_ok(res)
+    assert len(json.loads(res.stdout)["trials"]) == 1 and "interrupted" in res.stderr
+
+
 @pytest.mark.parametrize("args,message", [
     (("--books", "/no/such/books"), "no evaluation books (*.txt) in /no/such/books"),
     (("--tasks", "needle,riddles"), "--tasks must name some of needle, passkey, code"),
