@@ -93,7 +93,7 @@ def synchronize(device: torch.device) -> None:
 
 def prompt_ids(tokenizer, length: int, seed: int) -> list[int]:
     """Exactly `length` tokens of a passkey prompt (make_case only comes close)."""
-    return tokenizer(make_case(tokenizer, length + 64, random.Random(seed)).prompt).input_ids[:length]
+    return make_case(tokenizer, length + 64, random.Random(seed)).ids[:length]
 
 
 @torch.inference_mode()

@@ -209,7 +209,7 @@ def passkey(
     correct = 0
     for trial in range(trials):
         case = make_case(tok, length, rng, depth)
-        ids = tok(case.prompt).input_ids
+        ids = case.ids
         engine.reset()
         start = time.perf_counter()
         if attention == "full":

@@ -13,8 +13,12 @@ from .prompts import template
 class PasskeyCase:
     prompt: str
     key: int
-    n_tokens: int
+    ids: list[int]  # the prompt's token ids: tokenizing a 1M-token prompt takes seconds, so do it once
     depth: float
+
+    @property
+    def n_tokens(self) -> int:
+        return len(self.ids)
 
 
 def make_case(tokenizer, length: int, rng: random.Random, depth: float | None = None) -> PasskeyCase:
@@ -27,7 +31,7 @@ def make_case(tokenizer, length: int, rng: random.Random, depth: float | None = 
     n_filler = max(0, round((length - fixed) / per_filler))
     n_prefix = round(n_filler * depth)
     prompt = body.format(prefix=" ".join([filler] * n_prefix), suffix=" ".join([filler] * (n_filler - n_prefix)), key=key)
-    return PasskeyCase(prompt, key, len(tokenizer(prompt).input_ids), depth)
+    return PasskeyCase(prompt, key, tokenizer(prompt).input_ids, depth)
 
 
 def first_integer(text: str) -> int | None:
