@@ -751,7 +751,7 @@ def ingest_command(
     kv_offload: OffloadOpt = "auto", block_size: BlockOpt = None,
 ):
     """Read a book or codebase once and save its landmark context, so `lmqa ask FILE.lmqa` and `lmqa chat FILE.lmqa` answer in seconds."""
-    from .context_file import SUFFIX
+    from .context_file import SUFFIX, ContextError
     from .context_stream import ingest_file, partial_path, resident_bytes
     from .memory_budget import format_size, parse_budget
 
@@ -769,7 +769,8 @@ def ingest_command(
     if need > allowed:
         raise _over_budget(session, need, allowed)
     work = partial_path(output)
-    if work.exists() and not resume:
+    interrupted = work.exists()
+    if interrupted and not resume:
         err.print(f"[yellow]note:[/yellow] starting over; {escape(str(work))} holds an interrupted ingest "
                   f"(--resume continues it)", soft_wrap=True, highlight=False)
     progress, advance = _prefill_bar(session.positions, "reading")
@@ -783,9 +784,14 @@ def ingest_command(
         raise
     except OSError as e:
         raise UserError(f"{output}: could not write ({e.strerror or e})") from None
+    except ContextError as e:
+        raise UserError(str(e)) from None
     stats = streamed.stats
     if streamed.resumed_blocks:
         err.print(f"[dim]resumed after {streamed.resumed_blocks:,} blocks written by an earlier run[/dim]")
+    elif resume and interrupted:
+        err.print("[yellow]note:[/yellow] nothing to resume (another document, model or setting, or no piece "
+                  "finished): started over")
     err.print(f"[dim]read {stats.tokens:,} tokens in {stats.seconds:.1f} s ({stats.tokens_per_s:,.0f} tok/s)[/dim]")
     console.print(f"wrote {output} ({format_size(output.stat().st_size)}): {session.engine.n_tokens:,} tokens, "
                   f"{session.engine.n_blocks:,} blocks; ask with `lmqa ask {output} \"...\"` or `lmqa chat {output}`",

@@ -51,6 +51,7 @@ descending element size, so each is aligned for its dtype.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import mmap
@@ -87,6 +88,10 @@ _STORE_TENSORS = ("landmark_keys", "keys", "values", "key_scales", "value_scales
 
 class ContextError(Exception):
     """A context file cannot be used (corrupt, foreign or incompatible); one line for the user."""
+
+
+class ContextBusy(ContextError):
+    """Another process is writing this file (its partial work is not ours to remove)."""
 
 
 # ----- model identity -----
@@ -350,10 +355,15 @@ class ContextWriter:
             self.head_crc = zlib.crc32(part, self.head_crc)
         self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
         try:
+            try:  # two ingests to one output would write over each other's pieces
+                fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise ContextBusy(f"{self.path} is being written by another lmqa process") from None
             self.done = self._resumable() if resume else 0
             if not self.done:
                 self._start(head)
-            self.mm = _map_private(self.fd, self.layout.size)
+            with open(self.path, "rb") as fh:  # its own descriptor: the map must not keep the lock held
+                self.mm = _map_private(fh.fileno(), self.layout.size)
             self.tensors = self.layout.tensors(self.mm)
         except BaseException:
             os.close(self.fd)

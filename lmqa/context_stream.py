@@ -34,7 +34,7 @@ from pathlib import Path
 
 import torch
 
-from .context_file import PIECE_BYTES, ContextWriter, document_bytes, metadata, piece_blocks
+from .context_file import PIECE_BYTES, ContextBusy, ContextWriter, document_bytes, metadata, piece_blocks
 from .engine import RetrievalTrace
 from .qa import DocumentSession, IngestStats
 
@@ -133,11 +133,12 @@ def ingest_file(session: DocumentSession, output: Path, resume: bool = False, pi
                 progress: Callable[[int], None] | None = None) -> Streamed:
     """`lmqa ingest`: stream to partial_path(output), then rename it over
     output. An error removes the partial file (a full disk must not stay
-    full); an interrupt (Ctrl-C, a kill) keeps it for resume."""
+    full); an interrupt (Ctrl-C, a kill) keeps it for resume, and a file
+    another process is writing is left to it."""
     work = partial_path(output)
     try:
         streamed = stream_to(session, work, resume, piece_bytes, progress)
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, ContextBusy):
         raise
     except BaseException:
         work.unlink(missing_ok=True)

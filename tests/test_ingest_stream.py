@@ -164,3 +164,19 @@ def test_ask_spills_over_max_memory(tmp_path, tiny_model_dir):
     import lmqa.loading
 
     assert not any((lmqa.loading.CACHE_DIR / "spill").iterdir())
+
+
+def test_second_ingest_to_the_same_output_is_refused(loaded, document, tmp_path):
+    """While one ingest writes the partial file, another is refused and
+    leaves that file alone."""
+    out = tmp_path / "ctx.lmqa"
+    session = fresh(loaded, document)
+    body = context_file.document_bytes(session)
+    meta = context_file.metadata(session, len(session.token_ids), body, context_file.piece_blocks(session.engine, PIECE))
+    first = ContextWriter(partial_path(out), meta, session.token_ids, body)
+    try:
+        with pytest.raises(context_file.ContextBusy, match="another lmqa process"):
+            ingest_file(fresh(loaded, document), out, piece_bytes=PIECE)
+        assert partial_path(out).exists() and not out.exists()
+    finally:
+        first.close()
