@@ -321,6 +321,7 @@ def test_bad_input(case: Case, shared, tmp_path, monkeypatch, isolated_cache):
     assert res.exception is None or isinstance(res.exception, SystemExit), repr(res.exception)
     assert "Traceback" not in out
     text = message(out)
+    print(f"| {case.id} | {text} | {res.exit_code} |")  # the table of cases, with -s
     assert case.says in text, f"{case.says!r} not in {text!r}"
     assert case.output in out
     if case.code == 1:
