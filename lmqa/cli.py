@@ -284,6 +284,7 @@ def eval_command(
                 for cell in evaluator.cells():
                     for t in evaluator.run(*cell):
                         done.append(t)
+                        evidence = "" if t.evidence_hit is None else f", evidence {'hit' if t.evidence_hit else 'missed'}"
                         err.print(f"[dim]{t.task} {t.length:,} depth {100 * t.depth:g}% #{t.trial + 1} {t.method}: "
                                   f"{'ok' if t.correct else 'wrong'} in {t.seconds:.1f} s: {escape(t.answer[:70])!r}[/dim]",
                                   soft_wrap=True, highlight=False)
