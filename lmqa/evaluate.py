@@ -147,6 +147,7 @@ def build_haystack(tokenizer, books: list[str], n_tokens: int, depth: float, fac
 
 
 def one_file(text: str, title: str) -> Document:
+    """text as the Document `lmqa ask` makes of a .txt file named title."""
     builder = DocumentBuilder(title)
     builder.add(title, "file", text, header=False)
     return builder.build()
