@@ -1,7 +1,9 @@
-"""How much key/value cache a document may take: parsed from --max-memory,
-or by default most of the memory free where the blocks will live, so a
-document too large for the machine is refused before a long prefill rather
-than killed by the OS half-way."""
+"""How much key/value memory a document may take: parsed from --max-memory,
+or by default most of the memory free where the blocks will live. A
+document whose cache is larger is read through a temporary context file
+(context_stream.spill) with only its landmark keys and one piece of blocks
+in memory; one too large even for that is refused before a long prefill
+rather than killed by the OS half-way."""
 
 from __future__ import annotations
 
