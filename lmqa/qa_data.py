@@ -17,12 +17,13 @@ A codebase example lays real Python files out as `ingest` does ("===== path
 module-level constant is set to.
 
 Every name a fact uses is made up from syllables or drawn from the lists
-below, which are for training only; `lmqa eval` has its own needles
-(tests/test_qa_data.py checks the two never share an answer).
+below, which are for training only; `lmqa eval` has its own needles, and a
+fact that happens to contain one of their answers is drawn again.
 """
 
 from __future__ import annotations
 
+import functools
 import random
 import re
 from collections import Counter
@@ -182,24 +183,41 @@ def _vary(subject: tuple, rng: random.Random, shape) -> tuple:
     return tuple(fresh[j] if j == i else s for j, s in enumerate(subject))
 
 
+@functools.cache
+def eval_answers() -> tuple[str, ...]:
+    """Accepted answers of `lmqa eval`'s needles: no training fact may contain one."""
+    from .evaluate import load_needles
+
+    return tuple(a for needle in load_needles() for a in needle.answers)
+
+
+def touches_eval(fact: Fact) -> bool:
+    from .evaluate import is_correct
+
+    return is_correct(fact.sentence, eval_answers())
+
+
 def fact_family(rng: random.Random, n: int) -> tuple[list[Fact], Fact, Fact]:
     """n facts to write into a document (the asked one among them, the rest
     distractors), the asked fact, and an unwritten fact about a similar
-    subject for a "not in the document" question."""
+    subject for a "not in the document" question. Random names and numbers
+    that happen to hit an eval needle's answer are drawn again."""
     shape = rng.choice(SHAPES)
     subject, asked = shape(rng)
+    if touches_eval(asked):
+        return fact_family(rng, n)
     facts, seen = [asked], {subject}
     while len(facts) < n:
         if rng.random() < 0.6:  # near miss: same shape, one detail changed
             other, fact = shape(rng, _vary(subject, rng, shape))
         else:  # another kind of fact
             other, fact = rng.choice(SHAPES)(rng)
-        if other not in seen and fact.answer != asked.answer:
+        if other not in seen and fact.answer != asked.answer and not touches_eval(fact):
             seen.add(other)
             facts.append(fact)
     while True:
         other, missing = shape(rng, _vary(subject, rng, shape))
-        if other not in seen:
+        if other not in seen and not touches_eval(missing):
             return facts, asked, missing
 
 

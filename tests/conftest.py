@@ -124,3 +124,23 @@ def save_tiny_model_dir(out: Path, tokenizer_dir: Path, seed: int) -> Path:
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory, tiny_tokenizer_dir) -> Path:
     return save_tiny_model_dir(tmp_path_factory.mktemp("tiny-model"), tiny_tokenizer_dir, seed=1)
+
+
+# SmolLM2-Instruct's template in short: ChatML with a default system turn.
+CHATML = ("{% for m in messages %}{% if loop.first and m['role'] != 'system' %}<|im_start|>system\n"
+          "You are a helpful AI assistant.<|im_end|>\n{% endif %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}"
+          "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+@pytest.fixture(scope="session")
+def chat_model_dir(tiny_tokenizer_dir, tmp_path_factory):
+    """The tiny model with ChatML special tokens and a chat template (the
+    conftest tokenizer has none, so every other test takes the plain path)."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_tokenizer_dir)
+    tok.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    tok.chat_template = CHATML
+    tok_dir = tmp_path_factory.mktemp("chat-tokenizer")
+    tok.save_pretrained(tok_dir)
+    return save_tiny_model_dir(tmp_path_factory.mktemp("chat-model"), tok_dir, seed=2)
