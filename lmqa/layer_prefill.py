@@ -27,6 +27,7 @@ queues work (except gathers from a host block store, one per layer).
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Callable, NamedTuple
 
@@ -47,7 +48,8 @@ class PrefillBudget:
     landmark-scoring / grouped-softmax score tensor; query_tile: query blocks
     per grouped-softmax call (1 skips the hidden upper triangle and keeps a
     CPU's score tensors in cache; a GPU wants few, large calls); mlp_rows:
-    tokens per MLP call (its hidden layer is the widest activation).
+    tokens per MLP call (its hidden layer is the widest activation);
+    compile: fuse the landmark scoring with torch.compile (_best_rows).
     """
 
     positions: int
@@ -55,6 +57,7 @@ class PrefillBudget:
     attention_elements: int
     query_tile: int
     mlp_rows: int
+    compile: bool = False
 
     @classmethod
     def for_device(cls, device: torch.device) -> PrefillBudget:
@@ -63,7 +66,7 @@ class PrefillBudget:
             # (SmolLM2-135M in bf16): about 2M positions on an 80 GiB card.
             free, _ = torch.cuda.mem_get_info(device)
             return cls(positions=max(1 << 16, free // 4 // 10240), score_elements=1 << 28,
-                       attention_elements=1 << 28, query_tile=1 << 20, mlp_rows=1 << 17)
+                       attention_elements=1 << 28, query_tile=1 << 20, mlp_rows=1 << 17, compile=True)
         return cls(positions=1 << 16, score_elements=1 << 23, attention_elements=1 << 22, query_tile=1,
                    mlp_rows=1 << 14)
 
@@ -258,7 +261,7 @@ def _layer(engine: LandmarkEngine, li: int, layer, h: torch.Tensor, layout: _Lay
     # queries in window layout, rotated at window positions  # [C, H, W, d]
     q_win = rotate(q[layout.q_rows].transpose(1, 2), *rope.window)
     del q
-    ids, scores = _select(engine, store, q_win, layout, rope, budget.score_elements)
+    ids, scores = _select(engine, store, q_win, layout, rope, budget)
     ids_out.copy_(ids)
     scores_out.copy_(scores)
     out_win = _attend(engine, store, cache_k, cache_v, q_win, ids, layout, rope)
@@ -273,7 +276,7 @@ def _layer(engine: LandmarkEngine, li: int, layer, h: torch.Tensor, layout: _Lay
 
 
 def _select(engine: LandmarkEngine, store, q_win: torch.Tensor, layout: _Layout, rope: _Rope,
-            budget: int) -> tuple[torch.Tensor, torch.Tensor]:
+            budget: PrefillBudget) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-k blocks per chunk and key/value head, as the serial engine's _select
     scores them: softmax over the blocks before the chunk of q . landmark / sqrt(d),
     max over the chunk's queries and the head's group.
@@ -294,33 +297,73 @@ def _select(engine: LandmarkEngine, store, q_win: torch.Tensor, layout: _Layout,
     if not max(layout.r):  # nothing stored before any chunk
         return ids_out.fill_(-1), scores_out.zero_()
     costs = [H * W * (n_old + k) for n_old in layout.n_old]
-    for lo, hi in batches(costs, budget):
+    for lo, hi in batches(costs, budget.score_elements):
         n_old = layout.n_old[hi - 1]  # the batch's largest
         qg = q_win[lo:hi].reshape(hi - lo, Hkv, group * W, d)
-        s_old = (qg @ lm_old[:, :n_old].transpose(-1, -2)).float() / d**0.5  # [B, Hkv, G*W, n_old]
+        s_old = qg @ lm_old[:, :n_old].transpose(-1, -2)  # [B, Hkv, G*W, n_old]
+        too_recent = torch.arange(n_old, device=lm.device) >= layout.old_limit[lo:hi, None]  # [B, n_old]
+        recent = layout.recent[lo:hi]  # [B, k]
+        lm_recent = rotate(lm[:, recent.clamp(min=0)].transpose(0, 1), *rope.recent_landmarks)  # [B, Hkv, k, d]
+        s_recent = qg @ lm_recent.transpose(-1, -2)  # [B, Hkv, G*W, k]
+        rows = layout.scoring_rows[lo:hi, None, None].expand(-1, 1, group, -1).reshape(hi - lo, 1, group * W)
+        best_old, recent_best = _BEST_ROWS(budget.compile, s_old, s_recent, too_recent, recent < 0, rows, d**0.5)
+        del s_old, s_recent
         # Layer 0's landmark keys are all the landmark embedding's: give them
         # bitwise one score (a batched matmul may differ in the last bit by
         # column), so top_blocks' recency rule picks as the serial engine does.
-        s_old = torch.where(like_first[:, None, :n_old], s_old[..., :1], s_old)
-        too_recent = torch.arange(n_old, device=lm.device) >= layout.old_limit[lo:hi, None]  # [B, n_old]
-        s_old.masked_fill_(too_recent[:, None, None], float("-inf"))
-        recent = layout.recent[lo:hi]  # [B, k]
-        lm_recent = rotate(lm[:, recent.clamp(min=0)].transpose(0, 1), *rope.recent_landmarks)  # [B, Hkv, k, d]
-        s_recent = (qg @ lm_recent.transpose(-1, -2)).float() / d**0.5  # [B, Hkv, G*W, k]
-        s_recent.masked_fill_((recent < 0)[:, None, None], float("-inf"))
-        lse = torch.logaddexp(s_old.logsumexp(-1), s_recent.logsumexp(-1))  # [B, Hkv, G*W]
-        rows = layout.scoring_rows[lo:hi, None, None].expand(-1, 1, group, -1).reshape(hi - lo, 1, group * W)
-        lse.masked_fill_(~rows, float("inf"))  # other chunks' rows and padding never win a max
+        best_old = torch.where(like_first[:, :n_old] & ~too_recent[:, None], best_old[..., :1], best_old)
         # log-probabilities by block id, the recent k placed at their ids  # [B, Hkv, n_old + k]
-        best = F.pad(s_old.sub_(lse[..., None]).amax(2), (0, k), value=float("-inf"))
-        recent_best = s_recent.sub_(lse[..., None]).amax(2)
-        del s_old, s_recent
+        best = F.pad(best_old, (0, k), value=float("-inf"))
         best.scatter_reduce_(2, recent.clamp(min=0)[:, None].expand(-1, Hkv, -1), recent_best, "amax")
         block, top = top_blocks(best, k)  # [B, Hkv, k]
         key, order = torch.where(top > float("-inf"), block, -1).sort(dim=-1)
         ids_out[lo:hi] = key
         scores_out[lo:hi] = top.gather(2, order).exp()
     return ids_out, scores_out
+
+
+def _best_rows(s_old: torch.Tensor, s_recent: torch.Tensor, too_recent: torch.Tensor, recent_missing: torch.Tensor,
+               rows: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Raw landmark scores [B, Hkv, G*W, n_old] and [B, Hkv, G*W, k] (model
+    dtype) -> log of the serial engine's block score: softmax over the chunk's
+    blocks in float32, max over its rows; [B, Hkv, n_old], [B, Hkv, k].
+
+    too_recent [B, n_old] / recent_missing [B, k]: blocks that are not the
+    chunk's; rows [B, 1, G*W]: the chunk's own queries. This is the one pass
+    over every (query, earlier block) pair, so at 1M tokens its memory
+    traffic bounds the prefill; on CUDA it runs compiled (_MaybeCompiled),
+    which fuses it into two reads of the matmul's output.
+    """
+    s_old = s_old.float().div_(scale).masked_fill_(too_recent[:, None, None], float("-inf"))
+    s_recent = s_recent.float().div_(scale).masked_fill_(recent_missing[:, None, None], float("-inf"))
+    lse = torch.logaddexp(s_old.logsumexp(-1), s_recent.logsumexp(-1))  # [B, Hkv, G*W]
+    lse = lse.masked_fill_(~rows, float("inf"))[..., None]  # other chunks' rows and padding never win a max
+    return s_old.sub_(lse).amax(2), s_recent.sub_(lse).amax(2)
+
+
+class _MaybeCompiled:
+    """A function run through torch.compile when asked, else eagerly; if
+    compiling or running the compiled form fails (no Triton, an unsupported
+    op), it warns once and stays eager, which computes the same."""
+
+    def __init__(self, fn):
+        self.fn = fn
+        self.compiled = None
+        self.failed = False
+
+    def __call__(self, use_compile: bool, *args):
+        if use_compile and not self.failed:
+            try:
+                if self.compiled is None:
+                    self.compiled = torch.compile(self.fn, dynamic=True)
+                return self.compiled(*args)
+            except Exception as e:  # noqa: BLE001 - any failure: the eager form is the reference
+                self.failed = True
+                warnings.warn(f"torch.compile of {self.fn.__name__} failed, running it eagerly: {e}")
+        return self.fn(*args)
+
+
+_BEST_ROWS = _MaybeCompiled(_best_rows)
 
 
 def _attend(engine: LandmarkEngine, store, cache_k: torch.Tensor, cache_v: torch.Tensor, q_win: torch.Tensor,
@@ -348,20 +391,23 @@ def _attend(engine: LandmarkEngine, store, cache_k: torch.Tensor, cache_v: torch
     win_v = cache_v[layout.win_blocks].transpose(1, 2)
 
     out = q_win.new_empty(C, H, W, d)
-    tile = min(budget.query_tile, layout.n_win_blocks) * S
     for g_lo, g_hi in _runs(layout.r):
         r = layout.r[g_lo]
         rows = max(layout.win_len[g_lo:g_hi])
-        for w0 in range(0, rows, tile):
-            w1 = min(w0 + tile, rows)
-            n_win = -(-w1 // S)
-            cost = H * (w1 - w0) * (r + n_win) * S
-            for lo, hi in batches([cost] * (g_hi - g_lo), budget.attention_elements):
-                lo, hi = g_lo + lo, g_lo + hi
-                keys = torch.cat([blocks_k[lo:hi, :, k - r :], win_k[lo:hi, :, :n_win]], dim=2)
-                values = torch.cat([blocks_v[lo:hi, :, k - r :], win_v[lo:hi, :, :n_win]], dim=2)
+        n_win = -(-rows // S)
+        tile = min(budget.query_tile, n_win) * S
+        cost = H * tile * (r + n_win) * S  # the largest tile's score tensor, per chunk
+        for lo, hi in batches([cost] * (g_hi - g_lo), budget.attention_elements):
+            lo, hi = g_lo + lo, g_lo + hi
+            # float32 once per batch, not once per tile (the softmax computes in float32)  # [B, Hkv, r + n_win, S, d]
+            keys = torch.cat([blocks_k[lo:hi, :, k - r :], win_k[lo:hi, :, :n_win]], dim=2).float()
+            values = torch.cat([blocks_v[lo:hi, :, k - r :], win_v[lo:hi, :, :n_win]], dim=2).float()
+            for w0 in range(0, rows, tile):
+                w1 = min(w0 + tile, rows)
+                n = r + -(-w1 // S)  # key blocks up to the tile's last query block
                 out[lo:hi, :, w0:w1] = grouped_attention_inference(
-                    q_win[lo:hi, :, w0:w1], keys, values, r + layout.row_block[w0:w1], layout.row_offset[w0:w1])
+                    q_win[lo:hi, :, w0:w1], keys[:, :, :n], values[:, :, :n], r + layout.row_block[w0:w1],
+                    layout.row_offset[w0:w1])
     return out
 
 

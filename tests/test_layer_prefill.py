@@ -169,3 +169,19 @@ def test_plan_chunks_mirrors_the_serial_loop():
 def test_bad_prefill_name(gqa_model):
     with pytest.raises(ValueError, match="prefill"):
         engine(gqa_model, "columnwise", 4, 2, 10)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("offload", ["device", "cpu", "auto"])
+def test_cuda_layer_major_equals_serial(offload):
+    """The CUDA paths (device-resident or pinned host blocks, auto's choice) against the serial engine there."""
+    model = make_tiny_llama(vocab=VOCAB, hidden=48, heads=6, kv_heads=2, layers=2, seed=0).cuda()
+    b, k, chunk = 4, 3, 15
+    ids = random_ids(300, seed=19)
+    serial = engine(model, "serial", b, k, chunk, offload=offload)
+    layer = engine(model, "layer", b, k, chunk, offload=offload)
+    assert logit_diff(serial.feed(ids[:250]).cpu(), layer.feed(ids[:250]).cpu()) <= TOL
+    for t in ids[250:]:
+        assert logit_diff(serial.feed([t]).cpu(), layer.feed([t]).cpu()) <= TOL
+    assert layer.offload == serial.offload
+    assert_same_state(serial, layer)
