@@ -185,3 +185,24 @@ def test_cuda_layer_major_equals_serial(offload):
         assert logit_diff(serial.feed([t]).cpu(), layer.feed([t]).cpu()) <= TOL
     assert layer.offload == serial.offload
     assert_same_state(serial, layer)
+
+
+def test_cli_prefill_and_verbose_offload(tiny_model_dir):
+    from typer.testing import CliRunner
+
+    from lmqa.cli import app
+
+    def invoke(*args):
+        return CliRunner().invoke(app, [str(a) for a in args])
+
+    res = invoke("-v", "passkey", "-m", tiny_model_dir, "--length", 200, "--trials", 1, "--device", "cpu",
+                 "--prefill", "serial")
+    assert res.exit_code == 0, res.output
+    assert "block keys/values: host memory; serial prefill" in res.output and "in host memory:" in res.output
+    res = invoke("bench", "-m", tiny_model_dir, "--lengths", 300, "--max-full", 0, "--new-tokens", 2, "--device", "cpu",
+                 "--prefill", "layer,serial")
+    assert res.exit_code == 0, res.output
+    assert "landmark-serial" in res.output and "layer-major prefill at 300 tokens:" in res.output
+    for bad in (["passkey", "--prefill", "diagonal"], ["bench", "--prefill", "layer,rows"], ["passkey", "--kv-offload", "gpu"]):
+        res = invoke(*bad, "-m", tiny_model_dir, "--device", "cpu")
+        assert res.exit_code == 1 and "error:" in res.output and "Traceback" not in res.output, res.output
