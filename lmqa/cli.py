@@ -367,7 +367,8 @@ def _open_context(path: Path, model, quantize, device, kv_offload, top_k, block_
         loaded = _load(model or info.model.name, quantize, device, top_k, block_size or info.settings.get("block_size"))
         _check_offload(kv_offload)
         with err.status("opening the context"):
-            session = load(path, loaded, kv_offload)
+            # auto: blocks are read in place from the file's map (host memory), never copied whole to a GPU
+            session = load(path, loaded, "cpu" if kv_offload == "auto" else kv_offload)
     except ContextError as e:
         raise UserError(str(e)) from None
     err.print(f"[dim]{escape(str(path))}: {escape(session.document.source)}, {info.n_tokens:,} tokens, {info.n_blocks:,} "
