@@ -211,11 +211,11 @@ def test_books(runner, tiny_model_dir, tmp_path, fmt):
     assert where in titles, titles
 
 
-def test_non_utf8_is_replaced_and_said(runner, tiny_model_dir, tmp_path):
+def test_latin1_is_read_and_said(runner, tiny_model_dir, tmp_path):
     doc = write(tmp_path, "latin1.txt", "Caf\xe9 au lait. The sky is blue.\n".encode("latin-1") * 4)
     res = run(runner, "ask", doc, "q?", "--model", tiny_model_dir, *FAST, "--show-blocks", 0)
     assert_ok(res)
-    assert "not valid UTF-8" in " ".join(res.output.split())
+    assert "not UTF-8; read as Latin-1" in " ".join(res.output.split())
 
 
 # ----- bad input: one line, non-zero exit, no traceback, no output files -----
