@@ -5,11 +5,11 @@ are right, so every answer comes with where it looked. While answer tokens
 are generated, the engine hands each layer's outer probabilities of the
 retrieved blocks (the grouped softmax's share of a query's attention that goes
 to a block's tokens) to an EvidenceRecorder, which sums them per block over
-layers, query heads and answer tokens. passages() ranks those sums, keeps
-only blocks made of document text alone (the prompt's head, the question and
-earlier turns are no evidence; the attention sink at the prompt's start would
-otherwise win every time), merges neighbouring top blocks and maps them to
-file:line and text through the session's source map.
+layers, query heads and answer tokens. passages() ranks those sums over the
+document's own blocks (the prompt's head, the question and earlier turns are
+no evidence; the attention sink at the prompt's start would otherwise win
+every time), merges neighbouring top blocks and maps them to file:line and
+text through the session's source map.
 """
 
 from __future__ import annotations
@@ -89,12 +89,23 @@ class Passage:
                 "text": self.text}
 
 
-def document_blocks(session: DocumentSession) -> range:
-    """Block ids whose tokens are all document tokens: not the prompt head
-    before the document, nor the question and answers after it."""
+def document_share(session: DocumentSession, n: int) -> torch.Tensor:
+    """Per block id below n, the share of its tokens that are document tokens
+    (the prompt's head comes before them; the question and answers after)."""
     b = session.block_size
     start, end = session.doc_token_start, len(session.token_ids)
-    return range(-(-start // b), end // b)
+    first = torch.arange(n, dtype=torch.float64) * b
+    return (first + b).clamp(max=end).sub(first.clamp(min=start)).clamp(min=0) / b
+
+
+def document_mass(session: DocumentSession, evidence: BlockMass) -> torch.Tensor:
+    """The evidence mass of blocks that belong to the document: at least half
+    their tokens are its own, and a block it shares with the prompt (its first
+    or last block) counts only in proportion. So the prompt's head (the
+    attention sink) and the question are never evidence, while a fact in the
+    document's last sentences still can be."""
+    share = document_share(session, len(evidence.mass))
+    return torch.where(share >= 0.5, evidence.mass * share, torch.zeros_like(share))
 
 
 def passages(session: DocumentSession, evidence: BlockMass | None, limit: int = PASSAGES) -> list[Passage]:
@@ -104,12 +115,10 @@ def passages(session: DocumentSession, evidence: BlockMass | None, limit: int = 
     so a run of neighbours shows as one passage and the rest go elsewhere."""
     if evidence is None or not evidence.rows:
         return []
-    allowed = document_blocks(session)
-    mass = evidence.mass[allowed.start : min(allowed.stop, len(evidence.mass))]
+    mass = document_mass(session, evidence)
     runs: list[list[int]] = []
-    for i in mass.argsort(descending=True, stable=True).tolist():
-        block = allowed.start + i
-        if mass[i] <= 0:
+    for block in mass.argsort(descending=True, stable=True).tolist():
+        if mass[block] <= 0:
             break
         near = [r for r in runs if block in (r[0] - 1, r[-1] + 1) and _same_part(session, block, r[0])]
         if near:
@@ -120,7 +129,7 @@ def passages(session: DocumentSession, evidence: BlockMass | None, limit: int = 
             runs.append([block])
         else:
             break
-    found = [_passage(session, run, evidence) for run in runs]
+    found = [_passage(session, run, mass, evidence.rows) for run in runs]
     return sorted(found, key=lambda p: (-p.mass, p.blocks[0]))
 
 
@@ -131,12 +140,12 @@ def _same_part(session: DocumentSession, left: int, right: int) -> bool:
     return len(a) == len(b) == 1 and a[0].title == b[0].title
 
 
-def _passage(session: DocumentSession, run: list[int], evidence: BlockMass) -> Passage:
+def _passage(session: DocumentSession, run: list[int], mass: torch.Tensor, rows: int) -> Passage:
     first, last = session.sources[run[0]], session.sources[run[-1]]
-    masses = [float(evidence.mass[b]) for b in run]
+    masses = [float(mass[b]) for b in run]
     text = session.document.text[first.char_start : last.char_end].strip()
     return Passage(tuple(run), run[masses.index(max(masses))], first.title, first.line_start, last.line_end, sum(masses),
-                   sum(masses) / evidence.rows, text)
+                   sum(masses) / rows, text)
 
 
 def excerpt(text: str, width: int = 320) -> str:

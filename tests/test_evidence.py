@@ -17,7 +17,7 @@ from test_grouped_attention import _inference_layout
 from transformers import AttentionInterface
 
 from lmqa.engine import LandmarkEngine
-from lmqa.evidence import BlockMass, EvidenceRecorder, document_blocks, excerpt, passages
+from lmqa.evidence import BlockMass, EvidenceRecorder, document_mass, document_share, excerpt, passages
 from lmqa.generation import SamplingConfig
 from lmqa.grouped_attention import grouped_attention_inference, sequence_grouped_attention
 from lmqa.ingest import ingest
@@ -142,23 +142,37 @@ def session(loaded, tmp_path_factory):
     return s
 
 
+def first_whole_block(session) -> int:
+    return int((document_share(session, 100) == 1).nonzero()[0])
+
+
+def test_document_share_and_mass(session):
+    b, start, end = session.block_size, session.doc_token_start, len(session.token_ids)
+    share = document_share(session, end // b + 3)
+    for block, s in enumerate(share.tolist()):
+        inside = len(set(range(block * b, (block + 1) * b)) & set(range(start, end)))
+        assert s == inside / b
+    mass = torch.ones(len(share), dtype=torch.float64)
+    weighted = document_mass(session, BlockMass(mass, rows=1))
+    assert torch.equal(weighted, torch.where(share >= 0.5, share, 0.0))  # mostly-prompt blocks count nothing
+
+
 def test_evidence_excludes_prompt_and_question_blocks(session):
     answer = session.ask("What is the pass key?", SamplingConfig(max_new_tokens=4))
     assert answer.evidence is not None and answer.evidence.rows > 0
-    allowed = document_blocks(session)
-    assert allowed.start > 0 and session.doc_token_start > 0  # block 0 holds the prompt's head
+    share = document_share(session, len(answer.evidence.mass))
+    assert share[0] < 0.5 and session.doc_token_start > 0  # block 0 is mostly the prompt's head
     retrieved = answer.evidence.mass.nonzero().flatten().tolist()
-    assert any(b not in allowed for b in retrieved)  # prompt or question blocks got mass (top-k covers all) ...
+    assert any(share[b] < 0.5 for b in retrieved)  # prompt or question blocks got mass (top-k covers all) ...
     found = passages(session, answer.evidence)
     assert 1 <= len(found) <= 3
-    assert all(b in allowed for p in found for b in p.blocks)  # ... but are never evidence
+    assert all(share[b] >= 0.5 for p in found for b in p.blocks)  # ... but are never evidence
     assert session.engine.evidence is None  # the recorder is detached after the answer
 
 
 def test_passages_merge_neighbours_and_map_lines(session):
-    allowed = document_blocks(session)
-    a = allowed.start + 2
-    mass = torch.zeros(allowed.stop + 4, dtype=torch.float64)
+    a = first_whole_block(session) + 1
+    mass = torch.zeros(a + 12, dtype=torch.float64)
     mass[a], mass[a + 1], mass[a + 5], mass[0] = 3.0, 2.0, 4.0, 100.0  # block 0: prompt head, never evidence
     found = passages(session, BlockMass(mass, rows=10))
     assert [p.blocks for p in found] == [(a, a + 1), (a + 5,)]  # merged pair has more mass (5 > 4)
@@ -172,7 +186,7 @@ def test_passages_merge_neighbours_and_map_lines(session):
 
 
 def test_passages_cap_a_run_and_look_elsewhere(session):
-    a = document_blocks(session).start + 1
+    a = first_whole_block(session) + 1
     mass = torch.zeros(a + 12, dtype=torch.float64)
     mass[a : a + 5] = torch.tensor([9.0, 8.0, 7.0, 6.0, 5.0])
     mass[a + 8] = 1.0
