@@ -65,11 +65,12 @@ def table(rows: list[Row], title: str) -> Table:
     depths = sorted({d for r in rows for d in r.by_depth})
     out = Table(title=title)
     for col in ("task", "method", "tokens", *(f"{100 * d:g}%" for d in depths), "all", "evidence"):
-        out.add_column(col, justify="left" if col in ("task", "method") else "right")
+        out.add_column(col, justify="left" if col in ("task", "method") else "right", no_wrap=True,
+                       min_width={"task": 7, "method": 9, "tokens": 7}.get(col, len(col)))
     for r in rows:
         cells = [f"{r.by_depth[d][0]}/{r.by_depth[d][1]}" if d in r.by_depth else "" for d in depths]
         evidence = "" if r.evidence_hits is None else f"{100 * r.evidence_hits / r.total:.0f}%"
-        out.add_row(r.task, r.method, f"{r.length:,}", *cells, f"{100 * r.correct / r.total:.0f}% ({r.correct}/{r.total})",
+        out.add_row(r.task, r.method, f"{r.length:,}", *cells, f"{100 * r.correct / r.total:.0f}%",
                     evidence)
     return out
 
