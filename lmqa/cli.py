@@ -286,8 +286,8 @@ def eval_command(
                         done.append(t)
                         evidence = "" if t.evidence_hit is None else f", evidence {'hit' if t.evidence_hit else 'missed'}"
                         err.print(f"[dim]{t.task} {t.length:,} depth {100 * t.depth:g}% #{t.trial + 1} {t.method}: "
-                                  f"{'ok' if t.correct else 'wrong'} in {t.seconds:.1f} s: {escape(t.answer[:70])!r}[/dim]",
-                                  soft_wrap=True, highlight=False)
+                                  f"{'ok' if t.correct else 'wrong'}{evidence} in {t.seconds:.1f} s: "
+                                  f"{escape(t.answer[:70])!r}[/dim]", soft_wrap=True, highlight=False)
         except KeyboardInterrupt:  # a long grid stopped by hand still reports the trials it finished
             if not done:
                 raise
