@@ -170,7 +170,10 @@ def test_cuda_placement_pinning_and_growth(kv):
         cpu.append(k, v)
         want = cpu.gather(torch.tensor([[0, 39], [5, 6], [17, 30]]))
         for got, ref in zip((gk, gv, glm), want):
-            assert torch.equal(got.cpu(), ref)
+            if kv == "int8":  # the GPU may round a code at .5 the other way: one step of its scale at most
+                torch.testing.assert_close(got.cpu(), ref, rtol=0, atol=float(ref.abs().amax()) / 127)
+            else:
+                assert torch.equal(got.cpu(), ref)
 
 
 # ----- storage dtypes -----
