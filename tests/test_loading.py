@@ -83,7 +83,7 @@ def test_shipped_manifests_read():
         assert m.block_size >= 2 and m.top_k >= 1
     default = manifest_mod.find_manifest(manifest_mod.DEFAULT_MODEL)
     assert default is not None
-    assert (default.landmark_token, default.block_size, default.top_k, default.train_context) == ("<landmark>", 63, 5, 1024)
+    assert (default.landmark_token, default.block_size, default.top_k, default.train_context) == ("<landmark>", 63, 5, 2048)
     assert default.prompt_format == "chat"
     assert default.trained  # the shipped landmark fine-tune is the default of every command
     assert manifest_mod.find_manifest("no-such-model") is None
