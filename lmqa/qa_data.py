@@ -250,7 +250,7 @@ def code_facts(path: str, text: str) -> list[tuple[str, str, str]]:
     the cut at the token budget."""
     out = []
     for name in _DEF.findall(text):
-        question = rng_free_choice(("Which file defines the function `{n}`?", "Where is `{n}` defined?",
+        question = pick_by_name(("Which file defines the function `{n}`?", "Where is `{n}` defined?",
                                     "In which file is the function {n} written?"), name).format(n=name)
         out.append((f"def {name}(", question, f"`{name}` is defined in {path}."))
     for name in _CLASS.findall(text):
@@ -260,7 +260,7 @@ def code_facts(path: str, text: str) -> list[tuple[str, str, str]]:
     return out
 
 
-def rng_free_choice(options: tuple[str, ...], key: str) -> str:
+def pick_by_name(options: tuple[str, ...], key: str) -> str:
     """A paraphrase picked by the name itself, so a file's facts are a pure
     function of its text (cacheable) yet questions still vary across names."""
     return options[sum(map(ord, key)) % len(options)]
