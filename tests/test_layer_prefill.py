@@ -13,7 +13,7 @@ import dataclasses
 import pytest
 import torch
 
-from lmqa.engine import LandmarkEngine
+from lmqa.engine import LandmarkEngine, top_blocks
 from lmqa.landmarks import LandmarkConfig
 from lmqa.layer_prefill import Chunk, batches, plan_chunks, super_chunks
 
@@ -206,3 +206,28 @@ def test_cli_prefill_and_verbose_offload(tiny_model_dir):
     for bad in (["passkey", "--prefill", "diagonal"], ["bench", "--prefill", "layer,rows"], ["passkey", "--kv-offload", "gpu"]):
         res = invoke(*bad, "-m", tiny_model_dir, "--device", "cpu")
         assert res.exit_code == 1 and "error:" in res.output and "Traceback" not in res.output, res.output
+
+
+def test_top_blocks_equals_a_stable_sort_with_ties_to_the_newest_block():
+    """top_blocks' integer keys against the obvious statement of its rule:
+    the k best scores, ties to the larger (more recent) block id, ids ascending;
+    with probabilities, log-probabilities, -inf, many ties and signed zeros."""
+    def reference(scores, k):
+        newest_first = scores.flip(-1).argsort(dim=-1, descending=True, stable=True)[..., :k]
+        return (scores.shape[-1] - 1 - newest_first).sort(dim=-1).values
+
+    g = torch.Generator().manual_seed(0)
+    for trial in range(400):
+        n, k = int(torch.randint(5, 300, (1,), generator=g)), int(torch.randint(1, 6, (1,), generator=g))
+        s = torch.randn(2, 3, n, generator=g)
+        if trial % 4 == 1:
+            s = torch.softmax(s, -1)
+        elif trial % 4 == 2:
+            s = torch.log_softmax(s, -1)
+            s[..., : n // 3] = float("-inf")
+        elif trial % 4 == 3:
+            s = torch.round(s * 2) / 2  # ties, including -0.0 against 0.0
+        s[..., torch.randint(0, n, (n // 4,), generator=g)] = s[..., :1]
+        ids, scores = top_blocks(s, k)
+        assert torch.equal(ids, reference(s, k)), trial
+        assert torch.equal(scores, s.gather(-1, ids))
