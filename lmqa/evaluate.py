@@ -75,8 +75,10 @@ def load_needles(path: Path = NEEDLES) -> list[Needle]:
 def is_correct(answer: str, accepted: tuple[str, ...] | list[str]) -> bool:
     """Case-insensitive: an accepted answer occurs starting at a word
     boundary; one ending in a digit must end at one too (11 is not in 1911,
-    but "frog" is in "frogs")."""
-    text = answer.lower()
+    but "frog" is in "frogs"). Only the model's own answer counts: from a
+    line that starts a new "Question:" on (the model writing the next turn
+    itself, which may repeat the answer) the text is cut."""
+    text = re.split(r"\n\s*Question:", answer, maxsplit=1)[0].lower()
     for a in accepted:
         tail = r"(?!\d)" if a[-1:].isdigit() else ""
         if re.search(r"(?<!\w)" + re.escape(a.lower()) + tail, text):

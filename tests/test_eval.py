@@ -77,7 +77,8 @@ def test_needles_are_disjoint_from_training_data_and_passkey():
 # ----- scoring and placement -----
 @pytest.mark.parametrize("answer,accepted,ok", [
     ("The cat was called PIMENTO.", ["Pimento"], True), ("pimentos everywhere", ["Pimento"], True),
-    ("It was 1911.", ["11"], False), ("eleven or 11 cloves", ["11"], True), ("about 2,306", ["2306", "2,306"], True),
+    ("It was 1911.", ["11"], False), ("It was 1894.\n\nQuestion: was it 1894?", ["1894"], True),
+    ("Kept in 7000.\n\nQuestion: What was the year 1894?", ["1894"], False), ("eleven or 11 cloves", ["11"], True), ("about 2,306", ["2306", "2,306"], True),
     ("The frogs came.", ["frog"], True), ("a bullfrog", ["frog"], False), ("", ["x"], False),
 ])
 def test_is_correct(answer, accepted, ok):
