@@ -720,7 +720,10 @@ def train_command(
                              "init_adapter": str(init_adapter) if init_adapter else None}, default=str) + "\n")
     peft_model = add_lora(loaded.model, loaded.landmark.landmark_id, cfg.lora_rank, cfg.lora_alpha)
     if adapter_file:
-        load_adapter_weights(peft_model, adapter_file)
+        try:
+            load_adapter_weights(peft_model, adapter_file)
+        except ValueError as e:  # another rank, targets or base
+            raise UserError(f"--init-adapter: {e}") from None
     sampler = ExampleSampler(stream, tok, cfg.n_ordinary, cfg.synthetic_rate, seed)
     if cfg.qa_rate:
         prompts = {kind: QAPrompt(loaded, kind) for kind in KINDS}

@@ -77,12 +77,19 @@ def add_lora(model, landmark_id: int, rank: int, alpha: int):
 def load_adapter_weights(model, path: Path) -> None:
     """Start a fresh LoRA (same rank and targets) from a saved adapter, e.g.
     to continue training the shipped one on new data."""
-    from peft import set_peft_model_state_dict
+    from peft import get_peft_model_state_dict, set_peft_model_state_dict
 
-    result = set_peft_model_state_dict(model, load_file(path))
-    if result.unexpected_keys:
-        raise ValueError(f"{path}: {len(result.unexpected_keys)} tensors do not fit this LoRA "
-                         f"(e.g. {result.unexpected_keys[0]}); is its rank or base model different?")
+    saved = load_file(path)
+    want = get_peft_model_state_dict(model, save_embedding_layers=False)  # the tensors export_adapter writes
+    odd = sorted(set(want) ^ set(saved))
+    if odd:
+        raise ValueError(f"{path}: {len(odd)} tensors are missing or unexpected (e.g. {odd[0]}); "
+                         "is its rank, targets or base model different?")
+    for name, tensor in want.items():
+        if tensor.shape != saved[name].shape:
+            raise ValueError(f"{path}: {name} has size {tuple(saved[name].shape)}, this LoRA needs "
+                             f"{tuple(tensor.shape)}; is its rank or base model different?")
+    set_peft_model_state_dict(model, saved)
 
 
 # ----- checkpoints -----

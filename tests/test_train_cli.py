@@ -28,14 +28,14 @@ def data(tmp_path_factory):
     return d
 
 
-def train(data, out, model_dir, steps):
+def train(data, out, model_dir, steps, rank=LORA_RANK):
     """One `lmqa train` run. The LoRA matrices are initialised from torch's
     global RNG before --seed is applied, so both runs compared here seed it
     alike (the resumed run loads its weights from the checkpoint anyway)."""
     torch.manual_seed(0)
     args = ["train", str(data), "-o", str(out), "--model", str(model_dir), "--device", "cpu", "--steps", str(steps),
             "--context", "64", "--batch-size", "2", "--save-every", "1", "--block-size", "7", "--lr", "0.05",
-            "--lora-rank", str(LORA_RANK), "--synthetic-rate", "0.5"]
+            "--lora-rank", str(rank), "--synthetic-rate", "0.5"]
     res = CliRunner().invoke(app, args)
     assert res.exit_code == 0, res.output
     return res
@@ -101,3 +101,28 @@ def test_exported_adapter_gives_the_trained_logits(tmp_path, data, tiny_model_di
     scale = want.abs().max()
     assert (got - want).abs().max() <= 1e-3 * scale  # the adapter is saved in fp16
     assert (base - want).abs().max() > 1e-2 * scale
+
+
+def test_init_adapter_that_does_not_fit_is_one_clean_line(data, tiny_model_dir, tmp_path):
+    """--init-adapter from a missing file or an adapter of another shape: one
+    line naming the flag, no traceback, no training."""
+    from safetensors.torch import save_file
+
+    from test_cli import assert_clean_error
+
+    args = ["train", str(data), "-o", str(tmp_path / "run"), "--model", str(tiny_model_dir), "--device", "cpu",
+            "--steps", "1", "--context", "64", "--batch-size", "1", "--block-size", "7", "--lora-rank", str(LORA_RANK)]
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert_clean_error(CliRunner().invoke(app, args + ["--init-adapter", str(empty)]), "no adapter_model.safetensors")
+    other = tmp_path / "other"
+    other.mkdir()
+    save_file({"base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight": torch.zeros(LORA_RANK, 64)},
+              other / "adapter_model.safetensors")  # one tensor of a LoRA: the others are missing
+    assert_clean_error(CliRunner().invoke(app, args + ["--init-adapter", str(other)]), "--init-adapter", "missing")
+    # a whole adapter of another rank: every tensor is there, with other sizes
+    bigger = tmp_path / "bigger"
+    train(data, bigger, tiny_model_dir, 1, rank=LORA_RANK + 2)
+    assert_clean_error(CliRunner().invoke(app, args + ["--init-adapter", str(bigger / "adapter")]),
+                       "--init-adapter", "has size")
+    assert not (tmp_path / "run" / "adapter").exists()
