@@ -301,9 +301,8 @@ class QASampler:
         self.code_rate = code_rate if self.code else 0.0
         self.not_said_rate = not_said_rate
         self.stop = self.tok.convert_tokens_to_ids("<|im_end|>") if "<|im_end|>" in self.tok.get_vocab() else self.tok.eos_token_id
-
-    def _encode(self, text: str) -> list[int]:
-        return self.tok(text, add_special_tokens=False).input_ids
+        self._encode = base._encode
+        self.heads = {kind: self._encode(prompt.head) for kind, prompt in prompts.items()}
 
     def sample(self) -> Example:
         if self.rng.random() >= self.qa_rate:
@@ -312,30 +311,31 @@ class QASampler:
             return self._codebase()
         return self._document()
 
-    def _render(self, kind: str, document_ids: list[int], turns: list[tuple[str, str]]) -> Example:
-        """head + document + (tail(question) + answer) per turn + end of turn,
-        as a session feeds them: generation stops at the end-of-turn token
-        without feeding it, and a follow-up's tail begins with it. Loss on
-        each answer and the end of turn after it."""
+    def _encode_turns(self, kind: str, turns: list[tuple[str, str]]) -> list[tuple[list[int], list[int]]]:
+        """(tail ids, answer ids) per (question, answer); a follow-up has its own tail."""
         prompt = self.prompts[kind]
-        ids = self._encode(prompt.head) + document_ids
+        return [(self._encode(prompt.tail(q, follow_up=i > 0)), self._encode(a)) for i, (q, a) in enumerate(turns)]
+
+    def _render(self, kind: str, document_ids: list[int], turns: list[tuple[list[int], list[int]]]) -> Example:
+        """head + document + (tail(question) + answer) per encoded turn + end
+        of turn, as a session feeds them: generation stops at the end-of-turn
+        token without feeding it, and a follow-up's tail begins with it. Loss
+        on each answer and the end of turn after it."""
+        ids = self.heads[kind] + document_ids
         holes, loss_from = [], None
-        for i, (question, answer) in enumerate(turns):
-            tail = self._encode(prompt.tail(question, follow_up=i > 0))
+        for tail, answer in turns:
             if loss_from is not None:  # the previous answer's last token predicts tail[0], the end of turn
                 holes.append((len(ids), len(ids) + len(tail) - 1))
             ids += tail
             if loss_from is None:
                 loss_from = len(ids) - 1
-            ids += self._encode(answer)
+            ids += answer
         return Example(ids + [self.stop], loss_from, tuple(holes))
 
-    def _budget(self, turns: list[tuple[str, str]], kind: str) -> int:
-        """Ordinary tokens left for the document after head, tails and answers."""
-        prompt = self.prompts[kind]
-        used = len(self._encode(prompt.head)) + sum(
-            len(self._encode(prompt.tail(q, follow_up=i > 0))) + len(self._encode(a)) + 1 for i, (q, a) in enumerate(turns))
-        return self.n - used
+    def _budget(self, kind: str, turns: list[tuple[list[int], list[int]]]) -> int:
+        """Ordinary tokens left for the document after head, encoded turns and a
+        token per turn for its end (one more than needed for follow-ups)."""
+        return self.n - len(self.heads[kind]) - sum(len(tail) + len(answer) + 1 for tail, answer in turns)
 
     def _document(self) -> Example:
         rng = self.rng
@@ -348,7 +348,8 @@ class QASampler:
                 turns.append((rng.choice(missing.questions), NOT_SAID))
             else:
                 turns.append((rng.choice(asked.questions), asked.sentence))
-        budget = self._budget(turns, "document")
+        turns = self._encode_turns("document", turns)
+        budget = self._budget("document", turns)
         # text around the facts: decoded from the token stream so it is the same corpus as plain-text examples
         fact_tokens = sum(len(self._encode(" " + s)) for s in written)
         # 2% slack: re-tokenizing decoded text around the facts may take a few more tokens
@@ -379,8 +380,8 @@ class QASampler:
         rng.shuffle(candidates)
         doc = self._encode("".join(parts))
         for needle, question, answer in candidates[:3]:
-            turns = [(question, answer)]
-            cut = doc[: self._budget(turns, "codebase")]
+            turns = self._encode_turns("codebase", [(question, answer)])
+            cut = doc[: self._budget("codebase", turns)]
             if needle in self.tok.decode(cut):
                 return self._render("codebase", cut, turns)
         return self._document()
