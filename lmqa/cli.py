@@ -37,7 +37,7 @@ def friendly(fn):
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        from .manifest import ModelError
+        from lmqa.model.manifest import ModelError
 
         try:
             return fn(*args, **kwargs)
@@ -98,7 +98,7 @@ BlockOpt = Annotated[Optional[int], typer.Option("--block-size", min=2, help="To
 def _load(model, quantize, device, top_k, block_size):
     from transformers.utils import logging as hf_logging
 
-    from .loading import load_model
+    from lmqa.model.loading import load_model
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
@@ -122,7 +122,7 @@ def _check_offload(offload: str) -> None:
 
 def _engine_settings(prefill: str, max_gpu_memory: str) -> None:
     """Check and keep a command's --prefill and --max-gpu-memory for _engine."""
-    from .memory_budget import parse_budget
+    from lmqa.engine.memory_budget import parse_budget
 
     if prefill not in ("layer", "serial"):
         raise UserError(f"--prefill must be layer or serial, not {prefill!r}")
@@ -134,8 +134,8 @@ def _engine_settings(prefill: str, max_gpu_memory: str) -> None:
 
 
 def _engine(loaded, offload, kv_dtype=None):
-    from .engine import LandmarkEngine
-    from .memory_budget import format_size, parse_budget
+    from lmqa.engine.landmark_engine import LandmarkEngine
+    from lmqa.engine.memory_budget import format_size, parse_budget
 
     _check_offload(offload)
     engine = LandmarkEngine(loaded.model, loaded.landmark, offload=offload, kv_dtype=kv_dtype, prefill=ENGINE.prefill,
@@ -150,7 +150,7 @@ def _engine(loaded, offload, kv_dtype=None):
 
 def _report_memory(engine) -> None:
     """With -v: where the context's blocks ended up and what they take there."""
-    from .memory_budget import format_size
+    from lmqa.engine.memory_budget import format_size
 
     if ENGINE.verbose:
         on = engine.memory()
@@ -190,8 +190,8 @@ def passkey(
     prefill: PrefillOpt = "layer", max_gpu_memory: MaxGpuOpt = "auto",
 ):
     """The paper's passkey retrieval test: find a number hidden in LENGTH tokens of filler."""
-    from .generation import SamplingConfig, generate, generate_full_attention
-    from .passkey import first_integer, make_case
+    from lmqa.engine.generation import SamplingConfig, generate, generate_full_attention
+    from lmqa.evaluation.passkey import first_integer, make_case
 
     if length < 64:
         raise UserError(f"--length {length} is too small: use at least 64 tokens")
@@ -253,8 +253,8 @@ def eval_command(
     kv_offload: OffloadOpt = "auto", top_k: TopKOpt = None,
 ):
     """Needle-QA, passkey and code grids (lengths x depths) with baselines: a table, a heatmap PNG and every trial as JSON."""
-    from .eval_report import report, summarize, table, write_outputs
-    from .evaluate import (CODE, TASKS, EvalError, Evaluator, Settings, books_dir, load_needles, parse_depths,
+    from lmqa.evaluation.report import report, summarize, table, write_outputs
+    from lmqa.evaluation.tasks import (CODE, TASKS, EvalError, Evaluator, Settings, books_dir, load_needles, parse_depths,
                            read_books, read_code)
 
     try:
@@ -346,7 +346,7 @@ KvDtypeOpt = Annotated[Optional[str], typer.Option("--kv-dtype", help="How block
 
 
 def _kv_dtype(name: Optional[str]):
-    from .block_store import parse_kv_dtype
+    from lmqa.engine.block_store import parse_kv_dtype
 
     try:
         return None if name is None else parse_kv_dtype(name)
@@ -357,7 +357,7 @@ def _kv_dtype(name: Optional[str]):
 def _open_context(path: Path, model, quantize, device, kv_offload, top_k, block_size, kv_dtype: Optional[str]):
     """A DocumentSession from a context file, with the model it was made with
     unless --model names another (which it must then match)."""
-    from .context_file import ContextError, load, peek
+    from lmqa.qa.context_file import ContextError, load, peek
 
     try:
         info = peek(path)
@@ -386,8 +386,8 @@ def _prepared_session(path: Path, include, exclude, max_memory: str, model, quan
                       block_size, kv_dtype=None):
     """A new DocumentSession for a document, tokenized and sized (tokens and
     estimated key/value cache, printed); returns it with the memory budget."""
-    from .memory_budget import budget, format_size, parse_budget
-    from .qa import DocumentSession
+    from lmqa.engine.memory_budget import budget, format_size, parse_budget
+    from lmqa.qa.session import DocumentSession
 
     try:
         limit = parse_budget(max_memory)
@@ -409,7 +409,7 @@ def _prepared_session(path: Path, include, exclude, max_memory: str, model, quan
 
 
 def _over_budget(session, need: int, allowed: int) -> UserError:
-    from .memory_budget import format_size
+    from lmqa.engine.memory_budget import format_size
 
     return UserError(f"{session.document.source}: {session.prepare():,} tokens need an estimated {format_size(need)} "
                      f"of key/value memory, over the budget of {format_size(allowed)}; raise it with --max-memory "
@@ -421,8 +421,8 @@ def _read_session(path: Path, include, exclude, max_memory: str, model, quantize
     """Read a document into a new DocumentSession with a progress bar: in
     memory when its estimated cache fits the budget, else spilled to a
     temporary context file (see context_stream.py)."""
-    from .context_stream import fitting_piece_bytes, spill
-    from .loading import CACHE_DIR
+    from lmqa.qa.context_stream import fitting_piece_bytes, spill
+    from lmqa.model.loading import CACHE_DIR
 
     session, allowed = _prepared_session(path, include, exclude, max_memory, model, quantize, device, kv_offload,
                                          top_k, block_size, kv_dtype)
@@ -451,7 +451,7 @@ def _read_session(path: Path, include, exclude, max_memory: str, model, quantize
 def _session(path: Path, include, exclude, max_memory: str, model, quantize, device, kv_offload, top_k,
              block_size, kv_dtype: Optional[str]):
     """A DocumentSession for ask and chat: opened from a context file, or read from the document."""
-    from .context_file import is_context_file
+    from lmqa.qa.context_file import is_context_file
 
     if is_context_file(path):
         return _open_context(path, model, quantize, device, kv_offload, top_k, block_size, kv_dtype)
@@ -477,10 +477,10 @@ def ask(
     prefill: PrefillOpt = "layer", max_gpu_memory: MaxGpuOpt = "auto",
 ):
     """Read a book or codebase into one landmark context and answer QUESTION, with the passages the answer read (file:line)."""
-    from .evidence import passages
-    from .generation import SamplingConfig, StreamDecoder
-    from .retrieval_summary import render_evidence, summarize
-    from .trace_export import result, trace as trace_of, write_json
+    from lmqa.qa.evidence import passages
+    from lmqa.engine.generation import SamplingConfig, StreamDecoder
+    from lmqa.qa.retrieval_summary import render_evidence, summarize
+    from lmqa.qa.trace_export import result, trace as trace_of, write_json
 
     if not question.strip():
         raise UserError("the question is empty")
@@ -512,7 +512,7 @@ def ask(
         _write_output(trace, lambda p: write_json(p, trace_of(session, answer)))
         err.print(f"[dim]trace: {escape(str(trace))}[/dim]")
     if plot is not None:
-        from .heatmap import plot as plot_heatmap
+        from lmqa.qa.heatmap import plot as plot_heatmap
 
         _write_output(plot, lambda p: plot_heatmap(session, answer, p))
         err.print(f"[dim]heatmap: {escape(str(plot))}[/dim]")
@@ -527,10 +527,10 @@ def ask(
 @friendly
 def models_list():
     """Shipped model manifests, with whether each is trained with landmarks and cached here."""
-    from .loading import CACHE_DIR
-    from .manifest import DEFAULT_MODEL, list_manifests
+    from lmqa.model.loading import CACHE_DIR
+    from lmqa.model.manifest import DEFAULT_MODEL, list_manifests
 
-    from .weight_diff import recovered
+    from lmqa.model.weight_diff import recovered
 
     table = Table(title="models", caption=escape("* the default of every command; --model also takes hf:ORG/NAME[@REV] or DIR"))
     for col in ("name", "landmarks", "b", "k", "train ctx", "cached"):
@@ -556,8 +556,8 @@ def models_pull(
 ):
     """Fetch, verify and convert a model's base weights now, so the first question does not wait;
     for a released weight diff, recover the model from your base weights."""
-    from .loading import cached_base
-    from .manifest import DEFAULT_MODEL, find_manifest, list_manifests
+    from lmqa.model.loading import cached_base
+    from lmqa.model.manifest import DEFAULT_MODEL, find_manifest, list_manifests
 
     manifest = find_manifest(name or DEFAULT_MODEL)
     if manifest is None:
@@ -569,7 +569,7 @@ def models_pull(
             raise UserError(f"--base and --diff are for weight-diff models; {manifest.name} is fetched by itself")
         console.print(f"{manifest.name}: base weights ready in {cached_base(manifest, log=log)}")
         return
-    from .weight_diff import recover, recovered, verify_recovered
+    from lmqa.model.weight_diff import recover, recovered, verify_recovered
 
     if base is None:
         if verify_recovered(manifest):
@@ -598,8 +598,8 @@ def bench(
     """Engine vs transformers' full attention: prefill tokens/s, decode ms/token and memory, in one run."""
     import torch
 
-    from .bench import bench_engine, bench_full, prompt_ids
-    from .memory_budget import format_size
+    from lmqa.evaluation.bench import bench_engine, bench_full, prompt_ids
+    from lmqa.engine.memory_budget import format_size
 
     paths = [p.strip() for p in prefill.split(",") if p.strip()]
     if not paths or set(paths) - {"layer", "serial"}:
@@ -680,10 +680,10 @@ def train_command(
     """Fine-tune a LLaMA-family model with landmark tokens (LoRA + landmark embedding)."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-    from .qa import KINDS, QAPrompt
-    from .train import TrainConfig, add_lora, export_adapter, load_adapter_weights, plot_losses, train
-    from .train_data import ExampleSampler, load_stream, tokenize_corpus
-    from .qa_data import QASampler, read_python_files
+    from lmqa.qa.session import KINDS, QAPrompt
+    from lmqa.train.finetune import TrainConfig, add_lora, export_adapter, load_adapter_weights, plot_losses, train
+    from lmqa.train.data import ExampleSampler, load_stream, tokenize_corpus
+    from lmqa.train.qa_data import QASampler, read_python_files
 
     base = model or "smollm2-135m"
     loaded = _load(base, "none", device, None, block_size)
@@ -756,9 +756,9 @@ def ingest_command(
     kv_offload: OffloadOpt = "auto", block_size: BlockOpt = None,
 ):
     """Read a book or codebase once and save its landmark context, so `lmqa ask FILE.lmqa` and `lmqa chat FILE.lmqa` answer in seconds."""
-    from .context_file import SUFFIX, ContextError
-    from .context_stream import ingest_file, partial_path, resident_bytes
-    from .memory_budget import format_size, parse_budget
+    from lmqa.qa.context_file import SUFFIX, ContextError
+    from lmqa.qa.context_stream import ingest_file, partial_path, resident_bytes
+    from lmqa.engine.memory_budget import format_size, parse_budget
 
     output = output if output.suffix == SUFFIX else output.with_name(output.name + SUFFIX)
     _output_path(output, "--output")
@@ -817,9 +817,9 @@ def chat(
     kv_offload: OffloadOpt = "auto", top_k: TopKOpt = None, block_size: BlockOpt = None,
 ):
     """Ask question after question about one document or context file (a REPL; /help lists its commands)."""
-    from .chat import Chat, ChatConfig, line_reader
-    from .generation import SamplingConfig
-    from .loading import CACHE_DIR
+    from lmqa.qa.chat import Chat, ChatConfig, line_reader
+    from lmqa.engine.generation import SamplingConfig
+    from lmqa.model.loading import CACHE_DIR
 
     session = _session(path, include, exclude, max_memory, model, quantize, device, kv_offload, top_k, block_size,
                        kv_dtype)

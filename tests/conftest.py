@@ -2,12 +2,14 @@
 
 Nothing here touches the user's real lmqa cache: LMQA_CACHE points at a temp
 dir for the whole session (unless the caller set it, e.g. for the slow test),
-and every non-slow test additionally gets its own lmqa.loading.CACHE_DIR.
+and every non-slow test additionally gets its own lmqa.model.loading.CACHE_DIR.
 """
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -16,7 +18,9 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-os.environ.setdefault("LMQA_CACHE", tempfile.mkdtemp(prefix="lmqa-test-cache-"))
+if "LMQA_CACHE" not in os.environ:  # a throwaway cache (a converted model is ~350 MB), removed at exit
+    os.environ["LMQA_CACHE"] = tempfile.mkdtemp(prefix="lmqa-test-cache-")
+    atexit.register(shutil.rmtree, os.environ["LMQA_CACHE"], ignore_errors=True)
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -57,10 +61,10 @@ def isolated_cache(request, tmp_path, monkeypatch):
     if request.node.get_closest_marker("slow") is not None:
         yield None
         return
-    import lmqa.loading
+    import lmqa.model.loading
 
     cache = tmp_path / "lmqa-cache"
-    monkeypatch.setattr(lmqa.loading, "CACHE_DIR", cache)
+    monkeypatch.setattr(lmqa.model.loading, "CACHE_DIR", cache)
     yield cache
 
 

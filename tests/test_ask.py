@@ -16,11 +16,11 @@ from test_ingest import BAD_INPUTS, make_epub, minimal_pdf, write
 from typer.testing import CliRunner
 
 from lmqa.atomic_file import atomic_path
-from lmqa.engine import LandmarkEngine
-from lmqa.generation import SamplingConfig
+from lmqa.engine.landmark_engine import LandmarkEngine
+from lmqa.engine.generation import SamplingConfig
 from lmqa.ingest import ingest
-from lmqa.loading import load_model
-from lmqa.qa import DocumentSession, QAPrompt
+from lmqa.model.loading import load_model
+from lmqa.qa.session import DocumentSession, QAPrompt
 
 FAST = ("--device", "cpu", "--block-size", 8, "--max-new-tokens", 3)
 LOCATION = re.compile(r"\b[\w/]+\.(?:py|md|txt):\d+(?:-\d+)?")

@@ -24,11 +24,11 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-import lmqa.loading as loading
-from lmqa import context_file
+import lmqa.model.loading as loading
+from lmqa.qa import context_file
 from lmqa.cli import app
 from lmqa.ingest import codebase, textfile
-from lmqa.manifest import DEFAULT_MODEL, find_manifest
+from lmqa.model.manifest import DEFAULT_MODEL, find_manifest
 
 TEXT = "".join(f"Line {i}: the sky is blue, the grass is green. The pass key is 4711.\n" for i in range(20))
 Q = "What is the pass key?"

@@ -7,9 +7,9 @@ import re
 import torch
 from typer.testing import CliRunner
 
-from lmqa.bench import bench_engine, bench_full
+from lmqa.evaluation.bench import bench_engine, bench_full
 from lmqa.cli import app
-from lmqa.manifest import DEFAULT_MODEL, list_manifests
+from lmqa.model.manifest import DEFAULT_MODEL, list_manifests
 
 from conftest import make_tiny_llama
 from test_cli import passkey_with_known_answers

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lmqa.block_store import LayerBlockStore, parse_kv_dtype
+from lmqa.engine.block_store import LayerBlockStore, parse_kv_dtype
 
 HKV, B, D = 3, 4, 5
 

@@ -13,13 +13,13 @@ from pathlib import Path
 import pytest
 from rich.console import Console
 
-from lmqa.chat import PROMPT, Chat, ChatConfig, PlainLineReader, SigintPipe
-from lmqa.context_file import load
-from lmqa.engine import LandmarkEngine
-from lmqa.generation import SamplingConfig
+from lmqa.qa.chat import PROMPT, Chat, ChatConfig, PlainLineReader, SigintPipe
+from lmqa.qa.context_file import load
+from lmqa.engine.landmark_engine import LandmarkEngine
+from lmqa.engine.generation import SamplingConfig
 from lmqa.ingest import ingest
-from lmqa.loading import load_model
-from lmqa.qa import DocumentSession
+from lmqa.model.loading import load_model
+from lmqa.qa.session import DocumentSession
 
 ROOT = Path(__file__).resolve().parent.parent
 TEXT = "".join(f"Line {i}: the sky is blue. " + ("The pass key is 4711. " if i == 5 else "") for i in range(16))

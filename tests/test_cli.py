@@ -10,9 +10,9 @@ import pytest
 from typer.testing import CliRunner
 
 import lmqa
-import lmqa.loading as loading
+import lmqa.model.loading as loading
 from lmqa.cli import app
-from lmqa.manifest import DEFAULT_MODEL, find_manifest
+from lmqa.model.manifest import DEFAULT_MODEL, find_manifest
 
 
 @pytest.fixture
@@ -102,11 +102,11 @@ def passkey_with_known_answers(runner, monkeypatch, model_dir, script, *args):
     returns (result, the keys the prompts held)."""
     from transformers import AutoTokenizer
 
-    import lmqa.generation
+    import lmqa.engine.generation
 
     known = KnownAnswers(AutoTokenizer.from_pretrained(model_dir), script)
-    monkeypatch.setattr(lmqa.generation, "generate", known)
-    monkeypatch.setattr(lmqa.generation, "generate_full_attention", known)
+    monkeypatch.setattr(lmqa.engine.generation, "generate", known)
+    monkeypatch.setattr(lmqa.engine.generation, "generate_full_attention", known)
     res = run(runner, "passkey", "--model", model_dir, "--length", 200, "--trials", len(script), "--device", "cpu", *args)
     assert_ok(res)
     return res, known.keys

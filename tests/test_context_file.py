@@ -1,4 +1,4 @@
-"""Context files (lmqa/context_file.py): round trip, atomic writes, refusals,
+"""Context files (lmqa/qa/context_file.py): round trip, atomic writes, refusals,
 memory mapping, and the int8 kv cache's accuracy on a tiny random model."""
 
 from __future__ import annotations
@@ -12,13 +12,13 @@ import pytest
 import torch
 from conftest import save_tiny_model_dir
 
-from lmqa import context_file
-from lmqa.context_file import ContextError, load, peek, save
-from lmqa.engine import LandmarkEngine
-from lmqa.generation import SamplingConfig
+from lmqa.qa import context_file
+from lmqa.qa.context_file import ContextError, load, peek, save
+from lmqa.engine.landmark_engine import LandmarkEngine
+from lmqa.engine.generation import SamplingConfig
 from lmqa.ingest import ingest
-from lmqa.loading import load_model
-from lmqa.qa import DocumentSession
+from lmqa.model.loading import load_model
+from lmqa.qa.session import DocumentSession
 
 GREEDY = SamplingConfig(max_new_tokens=6)
 QUESTIONS = ("What is the pass key?", "What colour is the sky?", "Where is the key?")
@@ -224,7 +224,7 @@ def test_other_model_refused(loaded, document, tmp_path, other_model_dir):
 
 
 def test_manifest_checksums_decide_over_the_weights_fingerprint():
-    from lmqa.context_file import ModelIdentity
+    from lmqa.qa.context_file import ModelIdentity
 
     made = ModelIdentity("m", "w-fp32", "tok", "base", {"adapter.safetensors": "a1"})
     assert made.mismatch(replace(made, weights="w-bf16")) is None  # same checkpoint, other load dtype

@@ -8,9 +8,9 @@ import math
 import pytest
 import torch
 
-from lmqa.attention_interface import use_landmark_attention
-from lmqa.engine import LandmarkEngine
-from lmqa.landmarks import LandmarkConfig, insert_landmarks
+from lmqa.train.attention_interface import use_landmark_attention
+from lmqa.engine.landmark_engine import LandmarkEngine
+from lmqa.engine.landmarks import LandmarkConfig, insert_landmarks
 
 TOL = 1e-4
 VOCAB = 128
@@ -302,10 +302,10 @@ def test_memory_accounting(model):
 
 # ----- positions (method page, section 3.2.1) -----
 class RotaryRecorder:
-    """Wraps lmqa.engine.rotate and decodes the rotary position of every rotated vector."""
+    """Wraps lmqa.engine.landmark_engine.rotate and decodes the rotary position of every rotated vector."""
 
     def __init__(self, engine, monkeypatch):
-        import lmqa.engine as eng
+        import lmqa.engine.landmark_engine as eng
 
         self.engine = engine
         self.calls = []
@@ -510,7 +510,7 @@ def test_prefill_chunk_default():
 def test_default_model_full_retrieval_matches_training_form():
     """The shipped default model (fetched and converted once; LMQA_CACHE picks the cache):
     with top_k >= stored blocks, chunked prefill and decoding equal the landmark HF forward."""
-    from lmqa.loading import load_model
+    from lmqa.model.loading import load_model
 
     loaded = load_model(device="cpu", log=lambda m: None, dtype="float32")
     model, tok, cfg = loaded.model, loaded.tokenizer, loaded.landmark

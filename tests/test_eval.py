@@ -12,11 +12,11 @@ import pytest
 from test_cli import assert_clean_error, assert_ok, run
 from typer.testing import CliRunner
 
-from lmqa.engine import LandmarkEngine
-from lmqa.evaluate import (SENTENCE_END, Evaluator, Needle, Settings, build_haystack, is_correct, load_needles,
+from lmqa.engine.landmark_engine import LandmarkEngine
+from lmqa.evaluation.tasks import (SENTENCE_END, Evaluator, Needle, Settings, build_haystack, is_correct, load_needles,
                            parse_depths, read_books, read_code)
-from lmqa.loading import load_model
-from lmqa.prompts import template
+from lmqa.model.loading import load_model
+from lmqa.qa.prompts import template
 
 ROOT = Path(__file__).resolve().parent.parent
 SENTENCE = "Mary walked to the mill at dawn. The river ran fast and cold. Nobody spoke of the storm."

@@ -16,15 +16,15 @@ from test_cli import assert_ok, run
 from test_grouped_attention import _inference_layout
 from transformers import AttentionInterface
 
-from lmqa.engine import LandmarkEngine
-from lmqa.evidence import BlockMass, EvidenceRecorder, document_mass, document_share, excerpt, passages
-from lmqa.generation import SamplingConfig
-from lmqa.grouped_attention import grouped_attention_inference, sequence_grouped_attention
+from lmqa.engine.landmark_engine import LandmarkEngine
+from lmqa.qa.evidence import BlockMass, EvidenceRecorder, document_mass, document_share, excerpt, passages
+from lmqa.engine.generation import SamplingConfig
+from lmqa.engine.grouped_attention import grouped_attention_inference, sequence_grouped_attention
 from lmqa.ingest import ingest
-from lmqa.landmarks import LandmarkConfig, insert_landmarks
-from lmqa.loading import load_model
-from lmqa.qa import DocumentSession
-from lmqa.retrieval_summary import render_evidence
+from lmqa.engine.landmarks import LandmarkConfig, insert_landmarks
+from lmqa.model.loading import load_model
+from lmqa.qa.session import DocumentSession
+from lmqa.qa.retrieval_summary import render_evidence
 
 VOCAB = 128
 LANDMARK = VOCAB - 1

@@ -12,7 +12,7 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from lmqa.generation import SamplingConfig, StreamDecoder, generate, sample
+from lmqa.engine.generation import SamplingConfig, StreamDecoder, generate, sample
 
 N = 4000
 

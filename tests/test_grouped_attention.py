@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lmqa.grouped_attention import (
+from lmqa.engine.grouped_attention import (
     blockwise_grouped_attention,
     grouped_attention,
     grouped_attention_inference,
@@ -220,8 +220,8 @@ def test_training_form_gradients_finite_with_peaked_scores():
 @pytest.mark.parametrize("tile", [None, 2])
 def test_training_form_through_hf_model_backward(tiny_llama, tile):
     """A loss through a tiny LLaMA with the landmark attention function backpropagates to every weight."""
-    from lmqa.attention_interface import use_landmark_attention
-    from lmqa.landmarks import insert_landmarks
+    from lmqa.train.attention_interface import use_landmark_attention
+    from lmqa.engine.landmarks import insert_landmarks
 
     model = tiny_llama(vocab=64).train()
     use_landmark_attention(model, 4, tile=tile)

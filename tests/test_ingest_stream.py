@@ -1,4 +1,4 @@
-"""Streaming ingestion (lmqa/context_stream.py): piece by piece equals all at
+"""Streaming ingestion (lmqa/qa/context_stream.py): piece by piece equals all at
 once, memory stays at one piece, interrupted ingests resume byte-identical,
 and ask spills a document over --max-memory to a temporary file."""
 
@@ -13,9 +13,9 @@ import pytest
 import torch
 from test_context_file import GREEDY, QUESTIONS, TEXT, fresh, loaded, same_answers  # noqa: F401 (loaded: a fixture)
 
-from lmqa import context_file
-from lmqa.context_file import ContextError, ContextWriter, load, save
-from lmqa.context_stream import ingest_file, partial_path
+from lmqa.qa import context_file
+from lmqa.qa.context_file import ContextError, ContextWriter, load, save
+from lmqa.qa.context_stream import ingest_file, partial_path
 from lmqa.ingest import ingest
 
 LONG = TEXT * 4  # about 250 blocks of 8 tokens
@@ -161,9 +161,9 @@ def test_ask_spills_over_max_memory(tmp_path, tiny_model_dir):
     answer = [line for line in direct.output.splitlines() if "question prefill" in line]
     assert answer and direct.output.split("question prefill")[0].splitlines()[-1] == \
         spilled.output.split("question prefill")[0].splitlines()[-1]
-    import lmqa.loading
+    import lmqa.model.loading
 
-    assert not any((lmqa.loading.CACHE_DIR / "spill").iterdir())
+    assert not any((lmqa.model.loading.CACHE_DIR / "spill").iterdir())
 
 
 def test_second_ingest_to_the_same_output_is_refused(loaded, document, tmp_path):

@@ -1,4 +1,4 @@
-"""Layer-major prefill (lmqa/layer_prefill.py) against the chunk-serial engine.
+"""Layer-major prefill (lmqa/engine/layer_prefill.py) against the chunk-serial engine.
 
 The serial engine is the reference (tests/test_engine.py checks it against the
 training-form forward), so here both paths must retrieve the same blocks,
@@ -13,9 +13,9 @@ import dataclasses
 import pytest
 import torch
 
-from lmqa.engine import LandmarkEngine, top_blocks
-from lmqa.landmarks import LandmarkConfig
-from lmqa.layer_prefill import Chunk, batches, plan_chunks, super_chunks
+from lmqa.engine.landmark_engine import LandmarkEngine, top_blocks
+from lmqa.engine.landmarks import LandmarkConfig
+from lmqa.engine.layer_prefill import Chunk, batches, plan_chunks, super_chunks
 
 from conftest import make_tiny_llama
 

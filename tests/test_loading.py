@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 
-import lmqa.loading as loading
-import lmqa.manifest as manifest_mod
-from lmqa.manifest import BaseSource, Manifest, ModelError
+import lmqa.model.loading as loading
+import lmqa.model.manifest as manifest_mod
+from lmqa.model.manifest import BaseSource, Manifest, ModelError
 
 from conftest import build_tiny_tokenizer, make_tiny_llama
 

@@ -1,4 +1,4 @@
-"""lmqa/passkey.py: the answer parser and the prompt builder's length and depth."""
+"""lmqa/evaluation/passkey.py: the answer parser and the prompt builder's length and depth."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import random
 import pytest
 from transformers import AutoTokenizer
 
-from lmqa.passkey import first_integer, make_case
-from lmqa.prompts import template
+from lmqa.evaluation.passkey import first_integer, make_case
+from lmqa.qa.prompts import template
 
 
 @pytest.mark.parametrize("text, want", [

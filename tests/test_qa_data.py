@@ -1,4 +1,4 @@
-"""Document/codebase QA training data (lmqa/qa_data.py): rendered exactly as
+"""Document/codebase QA training data (lmqa/train/qa_data.py): rendered exactly as
 `ask` feeds a session, loss only on answers, answers that copy a sentence
 of the document, distractors, and nothing shared with `lmqa eval`."""
 
@@ -10,11 +10,11 @@ import re
 import pytest
 import torch
 
-from lmqa.evaluate import is_correct, load_needles
-from lmqa.loading import load_model
-from lmqa.qa import QAPrompt
-from lmqa.qa_data import NOT_SAID, SHAPES, QASampler, fact_family, insert_at_sentences, read_python_files
-from lmqa.train_data import ExampleSampler, landmark_batch
+from lmqa.evaluation.tasks import is_correct, load_needles
+from lmqa.model.loading import load_model
+from lmqa.qa.session import QAPrompt
+from lmqa.train.qa_data import NOT_SAID, SHAPES, QASampler, fact_family, insert_at_sentences, read_python_files
+from lmqa.train.data import ExampleSampler, landmark_batch
 
 TEXT = ("The river ran low that summer. Nobody in the village spoke of it! The mill stood idle, and the children "
         "played in the dry bed. ") * 60

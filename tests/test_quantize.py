@@ -12,7 +12,7 @@ import json
 import pytest
 import torch
 
-import lmqa.loading as loading
+import lmqa.model.loading as loading
 
 QUANT_LAYER = {"nf4": "Linear4bit", "int8": "Linear8bitLt"}
 
@@ -81,7 +81,7 @@ def test_adapter_merged_before_quantizing_cpu(adapter_dir, isolated_cache):
 @pytest.mark.parametrize("kind", ["nf4", "int8"])
 def test_quantized_on_cuda(kind, tiny_model_dir):
     """Weights quantized on the GPU, bf16 compute, lm_head and embeddings (landmark row) kept; the engine runs."""
-    from lmqa.engine import LandmarkEngine
+    from lmqa.engine.landmark_engine import LandmarkEngine
 
     loaded = loading.load_model(str(tiny_model_dir), quantize=kind, device="cuda", block_size=8, log=lambda m: None)
     model = loaded.model

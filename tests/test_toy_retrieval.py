@@ -1,5 +1,5 @@
 """End-to-end proof that training and inference agree: a tiny LLaMA trained
-from scratch with landmarks (lmqa.train, grouped softmax) on a short
+from scratch with landmarks (lmqa.train.finetune, grouped softmax) on a short
 key-retrieval task retrieves the key through the engine's top-k block
 retrieval at a context 16x longer, while the same model without retrieval
 (truncated to its training length) cannot."""
@@ -10,11 +10,11 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from lmqa.attention_interface import use_landmark_attention
-from lmqa.engine import LandmarkEngine
-from lmqa.landmarks import LandmarkConfig, insert_landmarks
-from lmqa.train import TrainConfig, train
-from lmqa.train_data import Example
+from lmqa.train.attention_interface import use_landmark_attention
+from lmqa.engine.landmark_engine import LandmarkEngine
+from lmqa.engine.landmarks import LandmarkConfig, insert_landmarks
+from lmqa.train.finetune import TrainConfig, train
+from lmqa.train.data import Example
 
 VOCAB, LANDMARK, KEY, QUERY = 64, 63, 1, 2
 VALUES = list(range(3, 19))  # 16 possible keys: chance is 1/16

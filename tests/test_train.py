@@ -1,4 +1,4 @@
-"""Training pieces (lmqa/train.py, lmqa/train_data.py): the schedule, the
+"""Training pieces (lmqa/train/finetune.py, lmqa/train/data.py): the schedule, the
 per-sequence loss, landmark batches and their labels, and the example sampler."""
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoTokenizer
 
-from lmqa.train import TrainConfig, lr_at, sequence_loss
-from lmqa.train_data import Example, ExampleSampler, landmark_batch
+from lmqa.train.finetune import TrainConfig, lr_at, sequence_loss
+from lmqa.train.data import Example, ExampleSampler, landmark_batch
 
 LM = 99  # landmark id in the batches below
 

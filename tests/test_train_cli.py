@@ -13,8 +13,8 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from lmqa.cli import app
-from lmqa.loading import load_model
-from lmqa.train import add_lora
+from lmqa.model.loading import load_model
+from lmqa.train.finetune import add_lora
 
 from conftest import CORPUS
 

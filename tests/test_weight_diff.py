@@ -19,10 +19,10 @@ import torch
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
-import lmqa.loading as loading
+import lmqa.model.loading as loading
 from lmqa.cli import app
-from lmqa.hub import git_blob_sha1
-from lmqa.manifest import ModelError
+from lmqa.model.hub import git_blob_sha1
+from lmqa.model.manifest import ModelError
 
 from conftest import make_tiny_llama, save_tiny_model_dir
 from test_loading import models_dir  # noqa: F401  (a fixture)

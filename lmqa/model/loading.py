@@ -23,7 +23,7 @@ import torch
 from platformdirs import user_cache_dir
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn
 
-from .landmarks import LandmarkConfig
+from lmqa.engine.landmarks import LandmarkConfig
 from .hub import HF_PREFIX
 from .manifest import DEFAULT_MODEL, Manifest, ModelError, find_manifest, list_manifests
 

@@ -30,7 +30,7 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-from .train_data import Example
+from .data import Example
 
 NOT_SAID = "The document does not say."
 
@@ -186,13 +186,13 @@ def _vary(subject: tuple, rng: random.Random, shape) -> tuple:
 @functools.cache
 def eval_answers() -> tuple[str, ...]:
     """Accepted answers of `lmqa eval`'s needles: no training fact may contain one."""
-    from .evaluate import load_needles
+    from lmqa.evaluation.tasks import load_needles
 
     return tuple(a for needle in load_needles() for a in needle.answers)
 
 
 def touches_eval(fact: Fact) -> bool:
-    from .evaluate import is_correct
+    from lmqa.evaluation.tasks import is_correct
 
     return is_correct(fact.sentence, eval_answers())
 

@@ -6,7 +6,7 @@ import random
 import re
 from dataclasses import dataclass
 
-from .prompts import template
+from lmqa.qa.prompts import template
 
 
 @dataclass

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-PROMPTS_DIR = Path(os.environ.get("LMQA_PROMPTS", Path(__file__).resolve().parent.parent / "prompts"))
+PROMPTS_DIR = Path(os.environ.get("LMQA_PROMPTS", Path(__file__).resolve().parents[2] / "prompts"))
 
 
 def template(name: str) -> str:

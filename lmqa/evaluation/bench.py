@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import psutil
 import torch
 
-from .engine import LandmarkEngine
+from lmqa.engine.landmark_engine import LandmarkEngine
 from .passkey import make_case
 
 

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 if TYPE_CHECKING:
-    from .qa import DocumentSession
+    from .session import DocumentSession
 
 PASSAGES = 3  # at most this many passages per answer
 RUN = 3  # neighbouring blocks merged into one passage, at most

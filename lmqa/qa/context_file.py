@@ -64,14 +64,14 @@ from typing import Any
 
 import torch
 
-from . import __version__
-from .atomic_file import atomic_path
-from .block_store import KV_DTYPES, kv_dtype_name, parse_kv_dtype
-from .engine import LandmarkEngine, RetrievalTrace
-from .ingest import BlockSource, Document, Location, Segment, SkipReport
-from .loading import LoadedModel
-from .manifest import find_manifest
-from .qa import DocumentSession
+from lmqa import __version__
+from lmqa.atomic_file import atomic_path
+from lmqa.engine.block_store import KV_DTYPES, kv_dtype_name, parse_kv_dtype
+from lmqa.engine.landmark_engine import LandmarkEngine, RetrievalTrace
+from lmqa.ingest import BlockSource, Document, Location, Segment, SkipReport
+from lmqa.model.loading import LoadedModel
+from lmqa.model.manifest import find_manifest
+from .session import DocumentSession
 
 FORMAT = "lmqa-context"
 FORMAT_VERSION = 2

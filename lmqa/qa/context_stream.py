@@ -35,8 +35,8 @@ from pathlib import Path
 import torch
 
 from .context_file import PIECE_BYTES, ContextBusy, ContextWriter, document_bytes, metadata, piece_blocks
-from .engine import RetrievalTrace
-from .qa import DocumentSession, IngestStats
+from lmqa.engine.landmark_engine import RetrievalTrace
+from .session import DocumentSession, IngestStats
 
 PARTIAL_SUFFIX = ".partial"
 

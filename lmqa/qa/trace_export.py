@@ -8,10 +8,10 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from .atomic_file import atomic_path
+from lmqa.atomic_file import atomic_path
 from .evidence import passages
-from .ingest import BlockSource
-from .qa import Answer, DocumentSession, RetrievedBlock
+from lmqa.ingest import BlockSource
+from .session import Answer, DocumentSession, RetrievedBlock
 
 
 def source_json(source: BlockSource | None) -> dict[str, Any] | None:

@@ -34,7 +34,7 @@ from typing import Callable, NamedTuple
 import torch
 import torch.nn.functional as F
 
-from .engine import LandmarkEngine, RetrievalStep, rotate, top_blocks
+from .landmark_engine import LandmarkEngine, RetrievalStep, rotate, top_blocks
 from .grouped_attention import grouped_attention_inference
 from .landmarks import insert_landmarks
 

@@ -27,17 +27,17 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .engine import LandmarkEngine
-from .evidence import passages
-from .generation import SamplingConfig, generate, generate_full_attention
-from .ingest import Document, IngestError, ingest
-from .ingest.document import DocumentBuilder
-from .loading import LoadedModel
+from lmqa.engine.landmark_engine import LandmarkEngine
+from lmqa.qa.evidence import passages
+from lmqa.engine.generation import SamplingConfig, generate, generate_full_attention
+from lmqa.ingest import Document, IngestError, ingest
+from lmqa.ingest.document import DocumentBuilder
+from lmqa.model.loading import LoadedModel
 from .passkey import first_integer, make_case
-from .prompts import PROMPTS_DIR
-from .qa import DocumentSession, QAPrompt
+from lmqa.qa.prompts import PROMPTS_DIR
+from lmqa.qa.session import DocumentSession, QAPrompt
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 NEEDLES = PROMPTS_DIR / "eval_needles.jsonl"
 BOOKS = Path("shared/books/eval")  # relative to the repository (or the directory above it)
 CODE = ROOT / "lmqa"

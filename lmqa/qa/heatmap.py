@@ -10,8 +10,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .atomic_file import atomic_path
-from .qa import Answer, DocumentSession
+from lmqa.atomic_file import atomic_path
+from .session import Answer, DocumentSession
 
 MAX_COLUMNS = 1200  # wider documents are binned so a lone retrieval stays visible
 MAX_LABELS = 40

@@ -1,7 +1,7 @@
 """What `lmqa eval` prints and writes: accuracy per task, method and length
 (by depth, overall, and how often the evidence held the fact), a lengths x
 depths heatmap per task and method, and every trial as JSON. Files are
-written whole or not at all (atomic_file.py)."""
+written whole or not at all (lmqa/atomic_file.py)."""
 
 from __future__ import annotations
 
@@ -14,9 +14,9 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from .atomic_file import atomic_path
-from .evaluate import Settings, Trial
-from .trace_export import write_json
+from lmqa.atomic_file import atomic_path
+from .tasks import Settings, Trial
+from lmqa.qa.trace_export import write_json
 
 GRID_TASKS = ("needle", "passkey")  # tasks with a length axis, drawn as heatmaps
 

@@ -7,7 +7,7 @@ from typing import Callable
 
 import torch
 
-from .engine import LandmarkEngine
+from .landmark_engine import LandmarkEngine
 
 
 @dataclass

@@ -11,7 +11,7 @@ from rich.table import Table
 from rich.text import Text
 
 from .evidence import Passage, excerpt
-from .qa import Answer, RetrievedBlock
+from .session import Answer, RetrievedBlock
 
 TITLE = "retrieved blocks per layer (count over heads and steps, best score)"
 SNIPPET_WIDTH = 40  # the snippet folds onto more lines rather than squeezing out the numbers

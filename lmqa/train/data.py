@@ -112,7 +112,7 @@ def landmark_batch(examples: list[Example], block_size: int, landmark_id: int) -
     """input_ids with landmarks every block_size tokens, and labels where every
     ordinary position predicts the next ordinary token (skipping landmarks, as
     at inference) and landmark positions predict nothing."""
-    from .landmarks import insert_landmarks
+    from lmqa.engine.landmarks import insert_landmarks
 
     inputs, labels = [], []
     for ex in examples:

@@ -35,8 +35,8 @@ from pathlib import Path
 from rich.console import Console
 from rich.markup import escape
 
-from .generation import SamplingConfig, StreamDecoder
-from .qa import Answer, DocumentSession
+from lmqa.engine.generation import SamplingConfig, StreamDecoder
+from .session import Answer, DocumentSession
 
 PROMPT = "lmqa> "
 HELP = """\

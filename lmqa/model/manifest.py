@@ -14,7 +14,7 @@ import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
-MODELS_DIR = Path(os.environ.get("LMQA_MODELS", Path(__file__).resolve().parent.parent / "models"))
+MODELS_DIR = Path(os.environ.get("LMQA_MODELS", Path(__file__).resolve().parents[2] / "models"))
 DEFAULT_MODEL = "smollm2-135m-landmark"
 
 

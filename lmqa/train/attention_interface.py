@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from transformers import AttentionInterface
 
-from .grouped_attention import sequence_grouped_attention
+from lmqa.engine.grouped_attention import sequence_grouped_attention
 
 NAME = "landmark"
 

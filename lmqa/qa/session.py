@@ -15,11 +15,11 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Literal
 
-from .engine import LandmarkEngine, Mark, RetrievalStep
+from lmqa.engine.landmark_engine import LandmarkEngine, Mark, RetrievalStep
 from .evidence import BlockMass, EvidenceRecorder
-from .generation import SamplingConfig, generate
-from .ingest import BlockSource, Document, build_source_map, kv_cache_bytes, tokenize_document
-from .loading import LoadedModel
+from lmqa.engine.generation import SamplingConfig, generate
+from lmqa.ingest import BlockSource, Document, build_source_map, kv_cache_bytes, tokenize_document
+from lmqa.model.loading import LoadedModel
 from .prompts import template
 
 DocumentKind = Literal["document", "codebase"]

@@ -1,0 +1,1 @@
+"""The landmark inference engine: block stores, grouped softmax, retrieval, prefill and decoding."""

@@ -1,0 +1,1 @@
+"""Measuring the product: `lmqa eval`, `lmqa bench` and the passkey test."""

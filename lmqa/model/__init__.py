@@ -1,0 +1,1 @@
+"""Models: manifests, fetching and converting weights, the hub, weight diffs, quantized loading."""

@@ -1,0 +1,1 @@
+"""Question answering over a document: sessions, prompts, evidence, chat and context files."""

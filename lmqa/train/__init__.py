@@ -1,0 +1,1 @@
+"""Landmark fine-tuning: the training forward, text and QA training data."""
