@@ -4,8 +4,10 @@ of the document, distractors, and nothing shared with `lmqa eval`."""
 
 from __future__ import annotations
 
+import inspect
 import random
 import re
+from collections import Counter
 
 import pytest
 import torch
@@ -13,8 +15,10 @@ import torch
 from lmqa.evaluation.tasks import is_correct, load_needles
 from lmqa.model.loading import load_model
 from lmqa.qa.session import QAPrompt
-from lmqa.train.qa_data import NOT_SAID, SHAPES, QASampler, fact_family, insert_at_sentences, read_python_files
+from lmqa.train.qa_data import (NOT_SAID, SHAPES, QASampler, Who, fact_family, insert_at_sentences, made_up_name,
+                                 question_turn, read_python_files)
 from lmqa.train.data import ExampleSampler, landmark_batch
+
 
 TEXT = ("The river ran low that summer. Nobody in the village spoke of it! The mill stood idle, and the children "
         "played in the dry bed. ") * 60
@@ -125,3 +129,60 @@ def test_codebase_example_names_the_defining_file(loaded, tmp_path):
         assert sum(name in body for body in files.values()) == 1
         seen.add(name)
     assert len(seen) >= 3
+
+
+def test_many_shapes_each_with_templates_and_distinct_paraphrases():
+    assert len(SHAPES) >= 40
+    for shape in SHAPES:
+        assert 2 <= len(shape.facts) <= 3 and 4 <= len(shape.questions) <= 6
+        assert len(set(shape.questions)) == len(shape.questions) and len(set(shape.facts)) == len(shape.facts)
+
+
+def test_every_shape_answer_is_a_span_of_every_fact_template():
+    rng = random.Random(4)
+    for shape in SHAPES:
+        sentences = set()
+        for _ in range(60):
+            _, fact = shape(rng)
+            assert fact.answer in fact.sentence, fact
+            assert len(set(fact.questions)) == len(fact.questions), fact
+            for text in (fact.sentence, *fact.questions):  # "a" before a vowel: a word list needs "an"
+                assert not re.search(r"\b[Aa] [aeiouAEIOU]", text), text
+            sentences.add(fact.sentence.replace(fact.answer, "@"))
+        assert len(sentences) >= len(shape.facts)  # every template is drawn
+
+
+def test_subjects_mix_natural_descriptions_and_names():
+    rng = random.Random(6)
+    people = [s for _ in range(500) for s in rng.choice(SHAPES)(rng)[0] if isinstance(s, Who)]
+    assert sum(p.name.startswith("the ") for p in people) > len(people) // 4
+    assert sum(p.short != p.name for p in people) > len(people) // 10  # titled names, asked as "Captain Vane"
+    titled = Who(2, ("Captain", "Ilse", "Vane"))
+    assert titled == Who(2, ("Captain", "Piet", "Vane")) and titled != Who(2, ("Captain", "Ilse", "Rook"))
+
+
+def test_made_up_names_are_not_rude():
+    rng = random.Random(9)
+    names = " ".join(made_up_name(rng) for _ in range(20000)).lower()
+    assert not any(word in names for word in ("fuck", "cunt", "shit", "cock", "dick"))
+
+
+def test_no_sampled_fact_touches_an_eval_answer():
+    rng = random.Random(7)
+    answers = [a for n in load_needles() for a in n.answers]
+    facts = []
+    while len(facts) < 2000:
+        written, _, missing = fact_family(rng, rng.randint(1, 8))
+        facts += written + [missing]
+    assert not [f.sentence for f in facts if is_correct(f.sentence, answers)]
+
+
+def test_not_said_share_is_the_configured_rate_and_missing_subjects_vary():
+    rng = random.Random(8)
+    families = [fact_family(rng, rng.randint(1, 8)) for _ in range(3000)]
+    answers = Counter(question_turn(rng, asked, missing, 0.04)[1] == NOT_SAID for _, asked, missing in families)
+    assert 0.03 <= answers[True] / len(families) <= 0.05
+    # the missing fact is sometimes about a subject like the asked one, sometimes a different kind of fact
+    same_kind = sum(missing.questions[0].split()[:2] == asked.questions[0].split()[:2] for _, asked, missing in families)
+    assert 0.3 * len(families) < same_kind < 0.8 * len(families)
+    assert inspect.signature(QASampler).parameters["not_said_rate"].default == 0.04

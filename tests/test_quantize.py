@@ -93,8 +93,9 @@ def test_quantized_on_cuda(kind, tiny_model_dir):
     ids = list(range(1, 200))
     logits = LandmarkEngine(model, loaded.landmark, offload="cpu").feed(ids).float()
     reference = LandmarkEngine(full.model, full.landmark, offload="cpu").feed(ids).float()
-    assert torch.isfinite(logits).all()
-    assert corr(logits, reference) > 0.9
+    ordinary = torch.arange(len(logits), device=logits.device) != loaded.landmark.landmark_id  # never generated: -inf
+    assert logits[~ordinary].eq(float("-inf")).all() and torch.isfinite(logits[ordinary]).all()
+    assert corr(logits[ordinary], reference[ordinary]) > 0.9
 
 
 @pytest.mark.cuda
