@@ -33,13 +33,15 @@ def parse_spec(spec: str) -> tuple[str, str | None]:
 def snapshot(repo: str, revision: str | None, patterns: list[str]) -> Path:
     """A local snapshot of the files of `repo` matching `patterns` (downloaded
     once into the hub cache; offline, only what the cache holds)."""
-    from huggingface_hub import snapshot_download
+    from huggingface_hub import constants, snapshot_download
     from huggingface_hub.errors import (HfHubHTTPError, IncompleteSnapshotError, LocalEntryNotFoundError,
                                         RepositoryNotFoundError, RevisionNotFoundError)
 
     where = f"{repo}@{revision}" if revision else repo
+    # offline, read only the cache: some huggingface_hub releases still ask the hub for the file list and fail
+    offline = constants.is_offline_mode() if hasattr(constants, "is_offline_mode") else constants.HF_HUB_OFFLINE
     try:
-        return Path(snapshot_download(repo, revision=revision, allow_patterns=patterns))
+        return Path(snapshot_download(repo, revision=revision, allow_patterns=patterns, local_files_only=offline))
     except (RepositoryNotFoundError, RevisionNotFoundError) as err:
         raise ModelError(f"{where}: no such repository or revision on the Hugging Face hub ({type(err).__name__})") from None
     except IncompleteSnapshotError:
