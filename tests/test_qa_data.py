@@ -92,17 +92,12 @@ def test_insert_at_sentences_keeps_text_sentences_whole():
     assert rest == text
 
 
-def test_questions_paraphrase_and_facts_avoid_eval_answers():
+def test_questions_do_not_give_the_answer_away():
     rng = random.Random(1)
-    answers = [a for n in load_needles() for a in n.answers]
     for _ in range(300):
         _, fact = rng.choice(SHAPES)(rng)
         for q in fact.questions:
-            assert fact.answer not in q  # the question does not give the answer away
-    for _ in range(300):
-        facts, asked, missing = fact_family(rng, 8)
-        for f in facts + [missing]:
-            assert not is_correct(f.sentence, answers), f.sentence
+            assert fact.answer not in q
 
 
 def test_codebase_example_names_the_defining_file(loaded, tmp_path):
@@ -169,7 +164,7 @@ def test_made_up_names_are_not_rude():
 
 def test_no_sampled_fact_touches_an_eval_answer():
     rng = random.Random(7)
-    answers = [a for n in load_needles() for a in n.answers]
+    answers = [a for n in load_needles() for a in n.answers]  # from the needles, not the code under test
     facts = []
     while len(facts) < 2000:
         written, _, missing = fact_family(rng, rng.randint(1, 8))
