@@ -592,7 +592,7 @@ def bench(
     seed: Annotated[int, typer.Option("--seed")] = 0,
     model: ModelOpt = None, quantize: QuantOpt = "none", device: DeviceOpt = "auto",
     kv_offload: OffloadOpt = "auto", top_k: TopKOpt = None,
-    prefill: Annotated[str, typer.Option("--prefill", help="Engine prefill paths to measure, comma-separated: layer (layer-major), serial (chunk-serial, the reference) or both.")] = "layer",
+    prefill: Annotated[str, typer.Option("--prefill", help="Engine prefill paths to measure: layer (layer-major), serial (chunk-serial, the reference), or both (layer,serial: their ratio in one run).")] = "layer",
     max_gpu_memory: MaxGpuOpt = "auto",
 ):
     """Engine vs transformers' full attention: prefill tokens/s, decode ms/token and memory, in one run."""
@@ -601,9 +601,9 @@ def bench(
     from lmqa.evaluation.bench import bench_engine, bench_full, prompt_ids
     from lmqa.engine.memory_budget import format_size
 
-    paths = [p.strip() for p in prefill.split(",") if p.strip()]
+    paths = ["layer", "serial"] if prefill.strip() == "both" else [p.strip() for p in prefill.split(",") if p.strip()]
     if not paths or set(paths) - {"layer", "serial"}:
-        raise UserError(f"--prefill must be layer, serial or both (comma-separated), not {prefill!r}")
+        raise UserError(f"--prefill must be layer, serial, both or layer,serial, not {prefill!r}")
     _engine_settings(paths[0], max_gpu_memory)
 
     try:

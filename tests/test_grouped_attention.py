@@ -10,6 +10,7 @@ from lmqa.engine.grouped_attention import (
     blockwise_grouped_attention,
     grouped_attention,
     grouped_attention_inference,
+    last_block_attention,
     reference_grouped_attention,
     sequence_grouped_attention,
 )
@@ -231,3 +232,25 @@ def test_training_form_through_hf_model_backward(tiny_llama, tile):
     loss.backward()
     for name, p in model.named_parameters():
         assert p.grad is not None and torch.isfinite(p.grad).all(), name
+
+
+def _last_block_tile(b, r, T_window, p, H, Hkv, d, seed):
+    """The queries of the window's last block only, with the keys up to it (a
+    one-block prefill tile)."""
+    q, kb, vb, q_block, q_offset, valid, _ = _inference_layout(b, r, T_window, p, H, Hkv, d, seed)
+    last = q_block == q_block[-1]
+    n = int(q_block[-1]) + 1
+    return q[:, :, last], kb[:, :, :n], vb[:, :, :n], q_block[last], q_offset[last], valid[:n]
+
+
+@pytest.mark.parametrize("b,r,T_window,p,H,Hkv", [(3, 2, 9, 0, 4, 2), (4, 3, 7, 2, 2, 2), (5, 1, 1, 3, 4, 1),
+                                                  (4, 0, 10, 0, 2, 2), (7, 3, 30, 5, 9, 3)])
+def test_last_block_attention_equals_the_inference_form(b, r, T_window, p, H, Hkv):
+    """In float32 it is the inference form for one query block; in bfloat16 it
+    stays within bfloat16 rounding of it."""
+    q, k, v, q_block, q_offset, valid = _last_block_tile(b, r, T_window, p, H, Hkv, 16, seed=b + r)
+    want = grouped_attention_inference(q, k, v, q_block, q_offset, valid)
+    assert (last_block_attention(q, k, v, q_offset, torch.float32) - want).abs().max().item() <= TOL
+    half = last_block_attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), q_offset, torch.bfloat16)
+    assert half.dtype == torch.bfloat16
+    assert (half.float() - want).abs().max().item() <= 0.05 * want.abs().max().item()

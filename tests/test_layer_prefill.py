@@ -113,24 +113,27 @@ def test_feeds_split_at_chunk_ends_equal_one_feed(gqa_model):
     assert_same_state(once, twice)
 
 
-def test_tiny_budgets_split_super_chunks_and_batches(gqa_model):
-    """Super-chunks of one or two chunks and batches of one chunk give the same result."""
+@pytest.mark.parametrize("batched_scoring", [False, True])
+def test_tiny_budgets_split_super_chunks_and_batches(gqa_model, batched_scoring):
+    """Super-chunks of one or two chunks, batches of one chunk and score tiles
+    of one query row give the same result."""
     b, k, chunk, n = 4, 3, 10, 200
     ids = random_ids(n, seed=9)
     serial, layer = engine(gqa_model, "serial", b, k, chunk), engine(gqa_model, "layer", b, k, chunk)
     layer.prefill_budget = dataclasses.replace(layer.prefill_budget, positions=15, score_elements=1,
-                                               attention_elements=1, mlp_rows=7)
+                                               attention_elements=1, mlp_rows=7, batched_scoring=batched_scoring)
     assert logit_diff(serial.feed(ids), layer.feed(ids)) <= TOL
     assert_same_state(serial, layer)
 
 
 def test_whole_window_tiles_and_device_store(gqa_model):
-    """The GPU settings (one attention call per window, blocks in the device store) on CPU."""
+    """The GPU settings (one attention call per window, batched landmark
+    scoring, blocks in the device store) on CPU."""
     b, k, chunk, n = 4, 2, 15, 150
     ids = random_ids(n, seed=13)
     serial = engine(gqa_model, "serial", b, k, chunk)
     layer = engine(gqa_model, "layer", b, k, chunk, offload="device")
-    layer.prefill_budget = dataclasses.replace(layer.prefill_budget, query_tile=1 << 20)
+    layer.prefill_budget = dataclasses.replace(layer.prefill_budget, query_tile=1 << 20, batched_scoring=True)
     assert logit_diff(serial.feed(ids), layer.feed(ids)) <= TOL
     assert_same_state(serial, layer)
 
@@ -224,7 +227,7 @@ def test_cli_prefill_and_verbose_offload(tiny_model_dir):
     assert res.exit_code == 0, res.output
     assert "block keys/values: host memory; serial prefill" in res.output and "in host memory:" in res.output
     res = invoke("bench", "-m", tiny_model_dir, "--lengths", 300, "--max-full", 0, "--new-tokens", 2, "--device", "cpu",
-                 "--prefill", "layer,serial")
+                 "--prefill", "both")
     assert res.exit_code == 0, res.output
     assert "landmark-serial" in res.output and "layer-major prefill at 300 tokens:" in res.output
     for bad in (["passkey", "--prefill", "diagonal"], ["bench", "--prefill", "layer,rows"], ["passkey", "--kv-offload", "gpu"]):

@@ -64,7 +64,10 @@ class _Growable:
         start = self.size - self.n_base
         need = start + rows.shape[0]
         if need > self.data.shape[0]:
-            bigger = self._alloc(max(need, 2 * self.data.shape[0]))
+            # a quarter's headroom past a large append (a layer-major prefill
+            # appends hundreds of blocks at once), so the next block does not
+            # copy the whole store again
+            bigger = self._alloc(max(need + need // 4, 2 * self.data.shape[0]))
             bigger[:start] = self.data[:start]
             self.data = bigger
         self.data[start:need] = rows.to(self.device, self.dtype)

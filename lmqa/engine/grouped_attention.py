@@ -21,6 +21,8 @@ from torch.utils.checkpoint import checkpoint
 
 
 NEG = -1e9  # finite "minus infinity": keeps fully masked rows free of NaN, also in backward
+LOG2_E = 1.0 / math.log(2.0)
+LN_2 = math.log(2.0)
 
 
 def grouped_attention(
@@ -203,3 +205,44 @@ def grouped_attention_inference(q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
     out = scores.view(B, Hkv, group * Q, N * S) @ v.reshape(B, Hkv, N * S, d).float()
     out = out.reshape(B, H, Q, d).to(q.dtype)
     return (out, outer_probs) if block_probs else out
+
+
+@torch.no_grad()
+def last_block_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_offset: torch.Tensor,
+                         matmul_dtype: torch.dtype) -> torch.Tensor:
+    """grouped_attention_inference for queries that all sit in the last key
+    block (a prefill tile of one query block), with both matmuls in
+    matmul_dtype: the CPU's layer-major fast path.
+
+    q: [B, H, Q, d]; k, v: [B, Hkv, N, b+1, d]; q_offset: [Q]. Why it is faster
+    on a CPU, where the passes over the score tensor bound prefill:
+      * every earlier block is wholly visible, so the only masks are the
+        landmark slots and the own block's causal triangle: two small writes
+        instead of a masked pass over the score tensor;
+      * scores are in base-2 units (log2(e) folded into the query scale), as
+        exp2 runs about 3x faster than exp here;
+      * in bfloat16 the matmuls run about 3x faster than in float32 on a CPU
+        with AVX512-BF16, and round the scores as transformers' eager
+        attention does for a bfloat16 model; the softmaxes stay float32.
+    With matmul_dtype=float32 it equals grouped_attention_inference to float32
+    rounding (tests/test_grouped_attention.py).
+    """
+    B, H, Q, d = q.shape
+    Hkv, N, S = k.shape[1], k.shape[2], k.shape[3]
+    b, group = S - 1, H // Hkv
+    qg = (q.reshape(B, Hkv, group * Q, d).float() * (LOG2_E / math.sqrt(d))).to(matmul_dtype)
+    scores = (qg @ k.reshape(B, Hkv, N * S, d).to(matmul_dtype).transpose(-1, -2)).float()
+    scores = scores.view(B, Hkv, group, Q, N, S)  # base-2 logits, float32
+    landmark = scores[..., : N - 1, b].clone()  # outer logits of the earlier blocks  # [B, Hkv, G, Q, N-1]
+    scores[..., b] = NEG  # landmark slots carry no value
+    hidden = torch.arange(S, device=q.device) > q_offset[:, None]  # own block: causal  # [Q, S]
+    scores[..., N - 1, :].masked_fill_(hidden, NEG)
+    block_max = scores.amax(dim=-1, keepdim=True)
+    scores.sub_(block_max).exp2_()
+    block_sum = scores.sum(dim=-1)  # [B, Hkv, G, Q, N]
+    own_lse = block_max[..., N - 1, 0] + torch.log2(block_sum[..., N - 1])
+    outer = torch.cat([landmark, own_lse[..., None]], dim=-1).mul_(LN_2)  # natural units
+    probs = torch.softmax(outer, dim=-1)  # [B, Hkv, G, Q, N]
+    scores.mul_(probs.div_(block_sum)[..., None])
+    out = scores.view(B, Hkv, group * Q, N * S).to(matmul_dtype) @ v.reshape(B, Hkv, N * S, d).to(matmul_dtype)
+    return out.reshape(B, H, Q, d).to(q.dtype)

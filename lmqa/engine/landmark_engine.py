@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from transformers.models.llama.modeling_llama import rotate_half
 
 from .block_store import LayerBlockStore
-from .grouped_attention import blockwise_grouped_attention, grouped_attention_inference
+from .grouped_attention import LOG2_E, blockwise_grouped_attention, grouped_attention_inference
 from .landmarks import LandmarkConfig, insert_landmarks
 
 
@@ -49,6 +49,18 @@ def top_blocks(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor
     key = (bits << 32) + torch.arange(scores.shape[-1], device=scores.device)
     ids = (key.topk(k, dim=-1).values & 0xFFFFFFFF).sort(dim=-1).values
     return ids, scores.gather(-1, ids)
+
+
+def landmark_probs(qg: torch.Tensor, landmarks: torch.Tensor) -> torch.Tensor:
+    """Softmax over blocks of q . landmark / sqrt(d), in float32: qg [Hkv, R, d]
+    (a key/value head's query rows), landmarks [Hkv, n, d] (rotated) ->
+    [Hkv, R, n]. The one pass over every (query, stored block) pair, so at a
+    million tokens it bounds a CPU's prefill: the exponent is taken as exp2,
+    about 3x faster than exp there, and the buffer is reused in place."""
+    d = qg.shape[-1]
+    scores = (qg @ landmarks.transpose(-1, -2)).float().mul_(LOG2_E / d**0.5)  # base-2 logits
+    scores.sub_(scores.amax(dim=-1, keepdim=True)).exp2_()
+    return scores.div_(scores.sum(dim=-1, keepdim=True))
 
 
 @dataclass
@@ -307,5 +319,4 @@ class LandmarkEngine:
         lm_rot = rotate(store.landmark_keys.view().transpose(0, 1), cos, sin)  # [Hkv, n, d]
         group = self.n_heads // self.n_kv
         qg = q[0].reshape(self.n_kv, group * q.shape[2], self.head_dim)
-        scores = torch.softmax((qg @ lm_rot.transpose(1, 2)).float() / self.head_dim**0.5, dim=-1)
-        return top_blocks(scores.amax(dim=1), r)  # [Hkv, n] -> [Hkv, r]
+        return top_blocks(landmark_probs(qg, lm_rot).amax(dim=1), r)  # [Hkv, n] -> [Hkv, r]

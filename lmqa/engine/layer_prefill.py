@@ -34,8 +34,8 @@ from typing import Callable, NamedTuple
 import torch
 import torch.nn.functional as F
 
-from .landmark_engine import LandmarkEngine, RetrievalStep, rotate, top_blocks
-from .grouped_attention import grouped_attention_inference
+from .landmark_engine import LandmarkEngine, RetrievalStep, landmark_probs, rotate, top_blocks
+from .grouped_attention import grouped_attention_inference, last_block_attention
 from .landmarks import insert_landmarks
 
 
@@ -49,7 +49,10 @@ class PrefillBudget:
     per grouped-softmax call (1 skips the hidden upper triangle and keeps a
     CPU's score tensors in cache; a GPU wants few, large calls); mlp_rows:
     tokens per MLP call (its hidden layer is the widest activation);
-    compile: fuse the landmark scoring with torch.compile (_best_rows).
+    batched_scoring: score many chunks per call (_select_batched, a GPU
+    wants few large calls) rather than one chunk's own query rows at a time
+    (_select_per_chunk, a CPU's fewest passes over the scores);
+    compile: fuse the batched scoring with torch.compile (_best_rows).
     """
 
     positions: int
@@ -57,6 +60,7 @@ class PrefillBudget:
     attention_elements: int
     query_tile: int
     mlp_rows: int
+    batched_scoring: bool = False
     compile: bool = False
 
     @classmethod
@@ -66,8 +70,9 @@ class PrefillBudget:
             # (SmolLM2-135M in bf16): about 2M positions on an 80 GiB card.
             free, _ = torch.cuda.mem_get_info(device)
             return cls(positions=max(1 << 16, free // 4 // 10240), score_elements=1 << 28,
-                       attention_elements=1 << 28, query_tile=1 << 20, mlp_rows=1 << 17, compile=True)
-        return cls(positions=1 << 16, score_elements=1 << 23, attention_elements=1 << 22, query_tile=1,
+                       attention_elements=1 << 28, query_tile=1 << 20, mlp_rows=1 << 17, batched_scoring=True,
+                       compile=True)
+        return cls(positions=1 << 16, score_elements=1 << 20, attention_elements=1 << 22, query_tile=1,
                    mlp_rows=1 << 14)
 
 
@@ -135,7 +140,7 @@ class _Layout:
         self.n_cache_blocks = -(-self.P // S)
         self.closed = self.P // S
         # per chunk (host): window start (a block boundary) and length, open part, blocks before it
-        opens = [(p0 + c.start - first) % S for c in chunks]
+        self.opens = opens = [(p0 + c.start - first) % S for c in chunks]
         self.win_start = [p0 + c.start - first - p for c, p in zip(chunks, opens)]
         self.win_len = [p + c.length for c, p in zip(chunks, opens)]
         self.blocks_before = [n0 + a // S for a in self.win_start]
@@ -261,7 +266,8 @@ def _layer(engine: LandmarkEngine, li: int, layer, h: torch.Tensor, layout: _Lay
     # queries in window layout, rotated at window positions  # [C, H, W, d]
     q_win = rotate(q[layout.q_rows].transpose(1, 2), *rope.window)
     del q
-    ids, scores = _select(engine, store, q_win, layout, rope, budget)
+    select = _select_batched if budget.batched_scoring else _select_per_chunk
+    ids, scores = select(engine, store, q_win, layout, rope, budget)
     ids_out.copy_(ids)
     scores_out.copy_(scores)
     out_win = _attend(engine, store, cache_k, cache_v, q_win, ids, layout, rope)
@@ -275,8 +281,44 @@ def _layer(engine: LandmarkEngine, li: int, layer, h: torch.Tensor, layout: _Lay
     return h
 
 
-def _select(engine: LandmarkEngine, store, q_win: torch.Tensor, layout: _Layout, rope: _Rope,
-            budget: PrefillBudget) -> tuple[torch.Tensor, torch.Tensor]:
+def _select_per_chunk(engine: LandmarkEngine, store, q_win: torch.Tensor, layout: _Layout, rope: _Rope,
+                      budget: PrefillBudget) -> tuple[torch.Tensor, torch.Tensor]:
+    """_select_batched's result, one chunk at a time: each chunk's own query
+    rows (no masked rows) against exactly the blocks before it (no masked
+    blocks), in row tiles of at most budget.score_elements scores, through
+    the serial engine's landmark_probs. Fewest passes over the scores, which
+    on a CPU is what a long context's prefill time is made of."""
+    C, H, W, d = q_win.shape
+    Hkv, k = engine.n_kv, layout.k
+    group = H // Hkv
+    lm = store.landmark_keys.view().transpose(0, 1)  # [Hkv, n, d]
+    lm_old = rotate(lm, *rope.old_landmarks)
+    like_first = (lm == lm[:, :1]).all(-1)  # [Hkv, n]
+    ids_out = torch.full((C, Hkv, k), -1, dtype=torch.long, device=q_win.device)
+    scores_out = torch.zeros(C, Hkv, k, device=q_win.device)
+    for c in range(C):
+        nb, r, n_old = layout.blocks_before[c], layout.r[c], layout.n_old[c]
+        if not r:
+            continue
+        n_recent = nb - n_old  # the chunk's k most recent blocks (fewer at the start), at slots k - n_recent + 1..k
+        cos, sin = (t[k - n_recent :] for t in rope.recent_landmarks)
+        keys = torch.cat([lm_old[:, :n_old], rotate(lm[:, n_old:nb], cos, sin)], dim=1)  # [Hkv, nb, d], by block id
+        rows = q_win[c, :, layout.opens[c] : layout.win_len[c]]  # the chunk's own queries  # [H, Wc, d]
+        qg = rows.reshape(Hkv, group * rows.shape[1], d)
+        tile = max(1, budget.score_elements // (Hkv * nb))
+        best = torch.stack([landmark_probs(qg[:, lo : lo + tile], keys).amax(dim=1)
+                            for lo in range(0, qg.shape[1], tile)]).amax(dim=0)  # [Hkv, nb]
+        # Layer 0's old landmark keys are all the landmark embedding's: one
+        # score for all (see _select_batched).
+        best[:, :n_old] = torch.where(like_first[:, :n_old], best[:, :1], best[:, :n_old])
+        block, top = top_blocks(best, r)  # [Hkv, r]
+        ids_out[c, :, k - r :] = block
+        scores_out[c, :, k - r :] = top
+    return ids_out, scores_out
+
+
+def _select_batched(engine: LandmarkEngine, store, q_win: torch.Tensor, layout: _Layout, rope: _Rope,
+                    budget: PrefillBudget) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-k blocks per chunk and key/value head, as the serial engine's _select
     scores them: softmax over the blocks before the chunk of q . landmark / sqrt(d),
     max over the chunk's queries and the head's group.
@@ -391,6 +433,9 @@ def _attend(engine: LandmarkEngine, store, cache_k: torch.Tensor, cache_v: torch
     win_v = cache_v[layout.win_blocks].transpose(1, 2)
 
     out = q_win.new_empty(C, H, W, d)
+    if budget.query_tile == 1:
+        _attend_per_block(engine, blocks_k, blocks_v, win_k, win_v, q_win, layout, out)
+        return out
     for g_lo, g_hi in _runs(layout.r):
         r = layout.r[g_lo]
         rows = max(layout.win_len[g_lo:g_hi])
@@ -409,6 +454,27 @@ def _attend(engine: LandmarkEngine, store, cache_k: torch.Tensor, cache_v: torch
                     q_win[lo:hi, :, w0:w1], keys[:, :, :n], values[:, :, :n], r + layout.row_block[w0:w1],
                     layout.row_offset[w0:w1])
     return out
+
+
+def _attend_per_block(engine: LandmarkEngine, blocks_k: torch.Tensor, blocks_v: torch.Tensor, win_k: torch.Tensor,
+                      win_v: torch.Tensor, q_win: torch.Tensor, layout: _Layout, out: torch.Tensor) -> None:
+    """_attend for a CPU: each chunk's own query rows one block at a time
+    (last_block_attention, matmuls in the model's dtype), which skips the
+    hidden upper triangle and keeps the score tensors in cache. One chunk per
+    call, so a chunk's result never depends on which chunks share its
+    super-chunk (a streamed ingest is byte-identical to one feed)."""
+    k, S = layout.k, layout.S
+    for c, r in enumerate(layout.r):
+        n_win = -(-layout.win_len[c] // S)
+        keys = torch.cat([blocks_k[c, :, k - r :], win_k[c, :, :n_win]], dim=1)[None]  # [1, Hkv, r + n_win, S, d]
+        values = torch.cat([blocks_v[c, :, k - r :], win_v[c, :, :n_win]], dim=1)[None]
+        w0 = layout.opens[c]  # rows before it are the inherited open block's: not this chunk's queries
+        while w0 < layout.win_len[c]:
+            w1 = min((w0 // S + 1) * S, layout.win_len[c])
+            n = r + w0 // S + 1  # key blocks up to the queries' own
+            out[c : c + 1, :, w0:w1] = last_block_attention(q_win[c : c + 1, :, w0:w1], keys[:, :, :n], values[:, :, :n],
+                                                            layout.row_offset[w0:w1], engine.dtype)
+            w0 = w1
 
 
 def _runs(values: list[int]) -> list[tuple[int, int]]:
