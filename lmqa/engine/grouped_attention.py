@@ -163,13 +163,18 @@ def reference_grouped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
 @torch.no_grad()
 def grouped_attention_inference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_block: torch.Tensor,
                                 q_offset: torch.Tensor, key_valid: torch.Tensor | None = None,
-                                block_probs: bool = False):
+                                block_probs: bool = False, matmul_dtype: torch.dtype = torch.float32):
     """grouped_attention without autograd, for the engine: same arguments, same result.
 
     block_probs=True also returns every block's outer probability per query
     row, [B, Hkv, group * Q, N] (rows ordered like the query heads of each
     key/value head, then queries): the share of a query's attention that goes
     to each block's tokens, which is what answer evidence is ranked by.
+
+    matmul_dtype: what both matmuls run in (the softmaxes are float32
+    either way). The GPU's layer-major prefill passes the model's bfloat16,
+    for tensor cores and half the key/value traffic; the serial engine, the
+    reference, keeps float32.
 
     On a CPU the score tensor's elementwise passes, not the matmuls, bound
     prefill speed, and a fresh multi-megabyte temporary per pass costs more in
@@ -181,8 +186,9 @@ def grouped_attention_inference(q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
     Hkv, N, S = k.shape[1], k.shape[2], k.shape[3]
     b = S - 1
     group = H // Hkv
-    qg = q.reshape(B, Hkv, group * Q, d).float() * (1.0 / math.sqrt(d))
-    scores = (qg @ k.reshape(B, Hkv, N * S, d).float().transpose(-1, -2)).view(B, Hkv, group, Q, N, S)
+    qg = (q.reshape(B, Hkv, group * Q, d).float() * (1.0 / math.sqrt(d))).to(matmul_dtype)
+    scores = (qg @ k.reshape(B, Hkv, N * S, d).to(matmul_dtype).transpose(-1, -2)).float()
+    scores = scores.view(B, Hkv, group, Q, N, S)
 
     blk = torch.arange(N, device=q.device).view(1, N)
     qb = q_block.view(Q, 1)
@@ -202,7 +208,7 @@ def grouped_attention_inference(q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
     probs = torch.softmax(outer, dim=-1)
     outer_probs = probs.view(B, Hkv, group * Q, N).clone() if block_probs else None
     scores.mul_(probs.div_(block_sum)[..., None])
-    out = scores.view(B, Hkv, group * Q, N * S) @ v.reshape(B, Hkv, N * S, d).float()
+    out = scores.view(B, Hkv, group * Q, N * S).to(matmul_dtype) @ v.reshape(B, Hkv, N * S, d).to(matmul_dtype)
     out = out.reshape(B, H, Q, d).to(q.dtype)
     return (out, outer_probs) if block_probs else out
 

@@ -406,6 +406,8 @@ class _MaybeCompiled:
 
 
 _BEST_ROWS = _MaybeCompiled(_best_rows)
+# the batched (GPU) grouped softmax: compiled, its passes over the score tensor fuse
+_GROUPED = _MaybeCompiled(grouped_attention_inference)
 
 
 def _attend(engine: LandmarkEngine, store, cache_k: torch.Tensor, cache_v: torch.Tensor, q_win: torch.Tensor,
@@ -444,15 +446,14 @@ def _attend(engine: LandmarkEngine, store, cache_k: torch.Tensor, cache_v: torch
         cost = H * tile * (r + n_win) * S  # the largest tile's score tensor, per chunk
         for lo, hi in batches([cost] * (g_hi - g_lo), budget.attention_elements):
             lo, hi = g_lo + lo, g_lo + hi
-            # float32 once per batch, not once per tile (the softmax computes in float32)  # [B, Hkv, r + n_win, S, d]
-            keys = torch.cat([blocks_k[lo:hi, :, k - r :], win_k[lo:hi, :, :n_win]], dim=2).float()
-            values = torch.cat([blocks_v[lo:hi, :, k - r :], win_v[lo:hi, :, :n_win]], dim=2).float()
+            keys = torch.cat([blocks_k[lo:hi, :, k - r :], win_k[lo:hi, :, :n_win]], dim=2)  # [B, Hkv, r + n_win, S, d]
+            values = torch.cat([blocks_v[lo:hi, :, k - r :], win_v[lo:hi, :, :n_win]], dim=2)
             for w0 in range(0, rows, tile):
                 w1 = min(w0 + tile, rows)
                 n = r + -(-w1 // S)  # key blocks up to the tile's last query block
-                out[lo:hi, :, w0:w1] = grouped_attention_inference(
-                    q_win[lo:hi, :, w0:w1], keys[:, :, :n], values[:, :, :n], r + layout.row_block[w0:w1],
-                    layout.row_offset[w0:w1])
+                out[lo:hi, :, w0:w1] = _GROUPED(
+                    budget.compile, q_win[lo:hi, :, w0:w1], keys[:, :, :n], values[:, :, :n], r + layout.row_block[w0:w1],
+                    layout.row_offset[w0:w1], None, False, engine.dtype)
     return out
 
 
