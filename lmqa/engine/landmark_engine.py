@@ -51,14 +51,17 @@ def top_blocks(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor
     return ids, scores.gather(-1, ids)
 
 
-def landmark_probs(qg: torch.Tensor, landmarks: torch.Tensor) -> torch.Tensor:
+def landmark_probs(qg: torch.Tensor, landmarks: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
     """Softmax over blocks of q . landmark / sqrt(d), in float32: qg [Hkv, R, d]
     (a key/value head's query rows), landmarks [Hkv, n, d] (rotated) ->
-    [Hkv, R, n]. The one pass over every (query, stored block) pair, so at a
-    million tokens it bounds a CPU's prefill: the exponent is taken as exp2,
-    about 3x faster than exp there, and the buffer is reused in place."""
+    [Hkv, R, n]; valid [n]: blocks to include (the rest get 0). The one pass
+    over every (query, stored block) pair, so at a million tokens it bounds a
+    CPU's prefill: the exponent is taken as exp2, about 3x faster than exp
+    there, and the buffer is reused in place."""
     d = qg.shape[-1]
     scores = (qg @ landmarks.transpose(-1, -2)).float().mul_(LOG2_E / d**0.5)  # base-2 logits
+    if valid is not None:
+        scores.masked_fill_(~valid, float("-inf"))
     scores.sub_(scores.amax(dim=-1, keepdim=True)).exp2_()
     return scores.div_(scores.sum(dim=-1, keepdim=True))
 
@@ -114,6 +117,7 @@ class LandmarkEngine:
         its budget). prefill: how multi-token feeds run: "layer" (layer-major,
         layer_prefill.py) or "serial" (chunk by chunk through every layer: the
         reference, and the path single tokens always take)."""
+        from .graph_decode import GraphDecoder
         from .layer_prefill import PrefillBudget
         from .offload import AutoOffload
 
@@ -136,6 +140,8 @@ class LandmarkEngine:
         self.tile = 1  # query blocks per attention tile
         self.trace = RetrievalTrace()
         self.reset()
+        # token steps on CUDA replay a captured graph (graph_decode.py)
+        self.decoder = GraphDecoder(self) if self.device.type == "cuda" else None
 
     # ----- state -----
     def reset(self) -> None:
@@ -181,7 +187,9 @@ class LandmarkEngine:
 
     def snapshot(self) -> Mark:
         """A cheap mark to roll back to (store sizes + open block + counters)."""
-        return Mark(self.n_blocks, list(self.open.keys), list(self.open.values), self.n_tokens, len(self.trace.steps))
+        # copies: the CUDA graph decoder's open block is a view of a buffer it rewrites
+        return Mark(self.n_blocks, [k.clone() for k in self.open.keys], [v.clone() for v in self.open.values],
+                    self.n_tokens, len(self.trace.steps))
 
     def rollback(self, mark: Mark) -> None:
         n_blocks, keys, values, n_tokens, n_steps = mark
@@ -206,6 +214,12 @@ class LandmarkEngine:
             return feed(self, ids, progress)
         cfg = self.config
         stream = insert_landmarks(ids, cfg.block_size, cfg.landmark_id, filled=self.open_len)
+        if self.decoder is not None and self.decoder.can_step(stream):
+            logits = self.decoder.step(stream[0])
+            if logits is not None:
+                if progress is not None:
+                    progress(1)
+                return logits
         # The stream's last ordinary token is the one whose logits we return;
         # a landmark closing its block may follow it and is causal-invisible to it.
         last_ordinary = len(stream) - 1 - (stream[-1] == cfg.landmark_id)

@@ -1,0 +1,166 @@
+"""One decoding step in fixed shapes, replayed as a CUDA graph.
+
+Why: a token step runs about 115 kernels per layer, 3,500 for the default
+model, and from Python each costs ~25 us of host time, so an H200 decoded at
+~75 ms/token while its own work took ~8 ms. A CUDA graph launches them all
+at once. A graph needs fixed shapes and fixed addresses, so this step:
+  * keeps each layer's open block in a fixed [Hkv, S, d] buffer and writes
+    the new token's key/value at slot p, a device scalar; slots past p are
+    hidden by the causal mask;
+  * scores the landmark keys over the store's whole capacity, blocks past n
+    (a device scalar) masked, with the serial engine's landmark rope and
+    landmark_probs, and gathers the k best from device-resident stores.
+It serves the common step only: one ordinary token that does not close its
+block, blocks on the device (`--kv-offload device`, or auto while they fit)
+in the compute dtype, no mapped prefix, no answer evidence being collected,
+at least k blocks stored. Everything else (a token and the landmark closing
+its block, prefill, host-resident blocks) takes the engine's eager step. The
+graph is captured again when a store's buffers move (they grow by doubling).
+
+tests/test_graph_decode.py checks the eager form of this step against the
+serial engine on CPU, and the captured form on CUDA.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+import torch.nn.functional as F
+
+from .grouped_attention import grouped_attention_inference
+from .landmark_engine import LandmarkEngine, RetrievalStep, landmark_probs, rotate, top_blocks
+
+
+class GraphDecoder:
+    """Fixed-shape token steps for one engine; capture=False runs the same
+    step eagerly (what the CPU tests compare)."""
+
+    def __init__(self, engine: LandmarkEngine, capture: bool = True):
+        self.engine = engine
+        self.capture = capture
+        e, cfg = engine, engine.config
+        S, k, dev = cfg.slot, cfg.top_k, engine.device
+        L = len(e.llama.layers)
+        self.open_k = torch.zeros(L, 1, e.n_kv, S, e.head_dim, dtype=e.dtype, device=dev)  # [L, 1, Hkv, S, d]
+        self.open_v = torch.zeros_like(self.open_k)
+        self.token = torch.zeros(1, 1, dtype=torch.long, device=dev)
+        self.p = torch.zeros(1, dtype=torch.long, device=dev)  # the new token's slot in the open block
+        self.n = torch.zeros((), dtype=torch.long, device=dev)  # blocks stored
+        self.q_block = torch.full((1,), k, dtype=torch.long, device=dev)  # the window follows the k retrieved blocks
+        self.ids = torch.zeros(L, e.n_kv, k, dtype=torch.long, device=dev)
+        self.scores = torch.zeros(L, e.n_kv, k, device=dev)
+        self.logits = torch.zeros(e.model.lm_head.out_features, device=dev)
+        h = e.llama.embed_tokens.weight[:1]
+
+        def table(pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            cos, sin = e.llama.rotary_emb(h, pos[None])
+            return cos[0].to(e.dtype), sin[0].to(e.dtype)
+
+        slots = (k + 1) * S
+        self.window = table(torch.arange(slots, slots + S, device=dev))  # [S, d]
+        cos, sin = table(torch.arange(S, slots, device=dev))
+        self.retrieved = (cos.view(k, S, -1), sin.view(k, S, -1))  # slots 1..k
+        self.landmark_slots = table(torch.arange(k + 1, device=dev) * S + cfg.block_size)  # [k+1, d], by slot
+        self.graph = None
+        self.broken = False  # capture failed: the engine decodes eagerly
+        self.buffers = None  # the store buffers the graph was captured on
+        self.views = None  # engine.open.keys as this decoder last left them
+
+    def can_step(self, stream: list[int]) -> bool:
+        e = self.engine
+        return (not self.broken and len(stream) == 1 and e.evidence is None and e.offload == "device" and e.kv_dtype == e.dtype
+                and e.n_blocks >= e.config.top_k
+                and all(s.landmark_keys.n_base == 0 and s.n_frozen == 0 for s in e.stores)
+                and len({s.landmark_keys.data.shape[0] for s in e.stores}) == 1)
+
+    def step(self, token: int) -> torch.Tensor | None:
+        """The engine's feed([token]) (same state changes, same logits); None
+        (nothing changed) if the graph cannot be captured."""
+        e = self.engine
+        p = e.open_len
+        if self.views is None or e.open.keys[0] is not self.views:  # the engine moved on eagerly: take its open block
+            for li in range(len(e.stores)):
+                self.open_k[li, :, :, :p] = e.open.keys[li]
+                self.open_v[li, :, :, :p] = e.open.values[li]
+        self.token.fill_(token)
+        self.p.fill_(p)
+        self.n.fill_(e.n_blocks)
+        if not self.capture:
+            self._forward()
+        else:
+            buffers = [(s.landmark_keys.data.data_ptr(), s.landmark_keys.data.shape[0], s.keys.codes.data.data_ptr(),
+                        s.values.codes.data.data_ptr()) for s in e.stores]
+            if buffers != self.buffers:
+                try:
+                    self._capture()
+                except Exception as err:  # noqa: BLE001 - any failure: the eager step computes the same
+                    self.broken = True
+                    warnings.warn(f"CUDA graph capture of the decoding step failed, decoding eagerly: {err}")
+                    return None
+                self.buffers = buffers
+            self.graph.replay()
+        e.open.keys = [self.open_k[li, :, :, : p + 1] for li in range(len(e.stores))]
+        e.open.values = [self.open_v[li, :, :, : p + 1] for li in range(len(e.stores))]
+        self.views = e.open.keys[0]
+        e.trace.steps.append(RetrievalStep("token", e.n_tokens, self.ids.to("cpu", copy=True),
+                                           self.scores.to("cpu", copy=True)))
+        e.n_tokens += 1
+        return self.logits.clone()
+
+    def _capture(self) -> None:
+        """Warm up on a side stream (the warm-up computes this very step, so
+        its writes are the ones the replay makes), then capture."""
+        side = torch.cuda.Stream(self.engine.device)
+        side.wait_stream(torch.cuda.current_stream(self.engine.device))
+        with torch.cuda.stream(side):
+            self._forward()
+        torch.cuda.current_stream(self.engine.device).wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self._forward()
+
+    def _forward(self) -> None:
+        """LandmarkEngine._step for one token, in fixed shapes, writing only
+        into this decoder's buffers (and reading the stores)."""
+        e, cfg = self.engine, self.engine.config
+        S, k, H, Hkv, d = cfg.slot, cfg.top_k, e.n_heads, e.n_kv, e.head_dim
+        cap = e.stores[0].landmark_keys.data.shape[0]
+        block = torch.arange(cap, device=e.device)
+        recency = self.n - 1 - block
+        valid = recency >= 0  # [cap]
+        slot = torch.where(valid & (recency < k), k - recency, torch.zeros_like(recency))  # section 3.2.1
+        lm_cos, lm_sin = (t[slot] for t in self.landmark_slots)  # [cap, d]
+        q_cos, q_sin = (t[self.p] for t in self.window)  # [1, d]
+        h = e.llama.embed_tokens(self.token)  # [1, 1, D]
+        for li, layer in enumerate(e.llama.layers):
+            attn, store = layer.self_attn, e.stores[li]
+            x = layer.input_layernorm(h)
+            q = attn.q_proj(x).view(1, 1, H, d).transpose(1, 2).to(e.dtype)  # [1, H, 1, d]
+            kk = attn.k_proj(x).view(1, 1, Hkv, d).transpose(1, 2).to(e.dtype)  # [1, Hkv, 1, d]
+            vv = attn.v_proj(x).view(1, 1, Hkv, d).transpose(1, 2).to(e.dtype)
+            self.open_k[li].index_copy_(2, self.p, kk)
+            self.open_v[li].index_copy_(2, self.p, vv)
+            q = rotate(q, q_cos, q_sin)
+
+            lm = rotate(store.landmark_keys.data.transpose(0, 1), lm_cos, lm_sin)  # [Hkv, cap, d]
+            probs = landmark_probs(q[0].reshape(Hkv, H // Hkv, d), lm, valid)  # [Hkv, G, cap]
+            ids, scores = top_blocks(probs.amax(dim=1).masked_fill_(~valid, float("-inf")), k)  # [Hkv, k]
+            self.ids[li].copy_(ids)
+            self.scores[li].copy_(scores)
+            # the buffers themselves, not store.gather: its view ends at the block count of capture time
+            heads = torch.arange(Hkv, device=e.device)[:, None]
+            rk, rv = store.keys.codes.data[ids, heads], store.values.codes.data[ids, heads]  # [Hkv, k, b, d]
+            rlm = store.landmark_keys.data[ids, heads]  # [Hkv, k, d]
+            blocks_k = rotate(torch.cat([rk, rlm[:, :, None]], dim=2), *self.retrieved)
+            blocks_v = F.pad(rv, (0, 0, 0, 1))
+            win_k = rotate(self.open_k[li][0], *self.window)  # [Hkv, S, d]
+            keys = torch.cat([blocks_k, win_k[:, None]], dim=1)[None]  # [1, Hkv, k + 1, S, d]
+            values = torch.cat([blocks_v, self.open_v[li][0][:, None]], dim=1)[None]
+            out = grouped_attention_inference(q, keys, values, self.q_block, self.p)
+            out = out.transpose(1, 2).reshape(1, 1, H * d).to(h.dtype)
+            h = h + attn.o_proj(out)
+            h = h + layer.mlp(layer.post_attention_layernorm(h))
+        logits = e.model.lm_head(e.llama.norm(h[:, 0]))[0].float()
+        logits[cfg.landmark_id] = float("-inf")
+        self.logits.copy_(logits)

@@ -1,0 +1,77 @@
+"""The fixed-shape decoding step (lmqa/engine/graph_decode.py) against the
+engine's eager token step: eagerly on CPU, captured as a CUDA graph on a GPU."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lmqa.engine.graph_decode import GraphDecoder
+
+from conftest import make_tiny_llama
+from test_layer_prefill import TOL, assert_same_state, engine, first_flip, logit_diff, random_ids
+
+
+def pair(model, capture: bool, b=4, k=3, chunk=15):
+    """(eager reference, engine decoding through GraphDecoder), blocks on the device."""
+    ref = engine(model, "serial", b, k, chunk, offload="device")
+    ref.decoder = None
+    fast = engine(model, "layer", b, k, chunk, offload="device")
+    fast.decoder = GraphDecoder(fast, capture=capture)
+    return ref, fast
+
+
+def decode_both(ref, fast, tokens) -> bool:
+    """Feed tokens one at a time to both; False from the first retrieval tie
+    on (after which the engines rightly differ, see first_flip)."""
+    for t in tokens:
+        seen = len(ref.trace.steps)
+        a, c = ref.feed([t]).cpu(), fast.feed([t]).cpu()
+        if first_flip(ref, fast, seen) is not None:
+            return False
+        assert logit_diff(a, c) <= TOL
+    return True
+
+
+def run_and_compare(model, capture: bool):
+    ref, fast = pair(model, capture)
+    ids = random_ids(300, seed=23)
+    assert logit_diff(ref.feed(ids[:200]).cpu(), fast.feed(ids[:200]).cpu()) <= TOL
+    steps = []
+    real = fast.decoder.step
+    fast.decoder.step = lambda t: steps.append(t) or real(t)
+    if decode_both(ref, fast, ids[200:260]):  # 60 tokens: 45 graph steps, 15 that close a block (eager)
+        assert_same_state(ref, fast)
+    assert len(steps) >= 40
+
+    # a snapshot taken between graph steps survives later ones (rollback, as chat does per question)
+    mark = fast.snapshot()
+    first = [fast.feed([t]).cpu() for t in ids[260:270]]
+    fast.rollback(mark)
+    again = [fast.feed([t]).cpu() for t in ids[260:270]]
+    assert max(logit_diff(x, y) for x, y in zip(first, again)) == 0.0
+    fast.rollback(mark)
+    if decode_both(ref, fast, ids[260:300]):
+        assert_same_state(ref, fast)
+
+
+def test_fixed_shape_step_equals_the_eager_step():
+    run_and_compare(make_tiny_llama(vocab=128, hidden=48, heads=6, kv_heads=2, layers=2, seed=0), capture=False)
+
+
+def test_decoder_steps_aside_for_evidence_and_host_blocks():
+    model = make_tiny_llama(vocab=128, hidden=48, heads=6, kv_heads=2, layers=2, seed=0)
+    _, fast = pair(model, capture=False)
+    fast.feed(random_ids(100, seed=2))
+    assert fast.decoder.can_step([5])
+    assert not fast.decoder.can_step([5, 127])  # the token closes its block: eager
+    fast.evidence = object()
+    assert not fast.decoder.can_step([5])
+    fast.evidence = None
+    fast.offload = "cpu"
+    assert not fast.decoder.can_step([5])
+
+
+@pytest.mark.cuda
+def test_cuda_graph_step_equals_the_eager_step():
+    run_and_compare(make_tiny_llama(vocab=128, hidden=48, heads=6, kv_heads=2, layers=2, seed=0).cuda(), capture=True)
