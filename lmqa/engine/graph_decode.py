@@ -51,6 +51,7 @@ class GraphDecoder:
         self.ids = torch.zeros(L, e.n_kv, k, dtype=torch.long, device=dev)
         self.scores = torch.zeros(L, e.n_kv, k, device=dev)
         self.logits = torch.zeros(e.model.lm_head.out_features, device=dev)
+        self.is_landmark = torch.arange(self.logits.shape[0], device=dev) == cfg.landmark_id
         h = e.llama.embed_tokens.weight[:1]
 
         def table(pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -162,5 +163,4 @@ class GraphDecoder:
             h = h + attn.o_proj(out)
             h = h + layer.mlp(layer.post_attention_layernorm(h))
         logits = e.model.lm_head(e.llama.norm(h[:, 0]))[0].float()
-        logits[cfg.landmark_id] = float("-inf")
-        self.logits.copy_(logits)
+        self.logits.copy_(logits.masked_fill_(self.is_landmark, float("-inf")))

@@ -194,8 +194,8 @@ def grouped_attention_inference(q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
     qb = q_block.view(Q, 1)
     same, earlier, later = blk == qb, blk < qb, blk > qb
     hidden = torch.arange(S, device=q.device).view(1, 1, S) > q_offset.view(Q, 1, 1)  # [Q, 1, S]
-    hidden = (hidden & same[:, :, None]) | later[:, :, None]
-    hidden[:, :, b] = True  # landmark slots carry no value
+    # landmark slots carry no value (no item assignment: a CUDA graph cannot capture one)
+    hidden = (hidden & same[:, :, None]) | later[:, :, None] | (torch.arange(S, device=q.device) == b)
     if key_valid is not None:
         hidden |= ~key_valid
     landmark = scores[..., b].clone()  # outer logits of earlier blocks, before masking
