@@ -126,14 +126,15 @@ def test_tiny_budgets_split_super_chunks_and_batches(gqa_model, batched_scoring)
     assert_same_state(serial, layer)
 
 
-def test_whole_window_tiles_and_device_store(gqa_model):
-    """The GPU settings (one attention call per window, batched landmark
-    scoring, blocks in the device store) on CPU."""
+@pytest.mark.parametrize("query_tile", [1 << 20, 2])
+def test_whole_window_tiles_and_device_store(gqa_model, query_tile):
+    """The GPU settings (one attention call per window or per few query
+    blocks, batched landmark scoring, blocks in the device store) on CPU."""
     b, k, chunk, n = 4, 2, 15, 150
     ids = random_ids(n, seed=13)
     serial = engine(gqa_model, "serial", b, k, chunk)
     layer = engine(gqa_model, "layer", b, k, chunk, offload="device")
-    layer.prefill_budget = dataclasses.replace(layer.prefill_budget, query_tile=1 << 20, batched_scoring=True)
+    layer.prefill_budget = dataclasses.replace(layer.prefill_budget, query_tile=query_tile, batched_scoring=True)
     assert logit_diff(serial.feed(ids), layer.feed(ids)) <= TOL
     assert_same_state(serial, layer)
 
