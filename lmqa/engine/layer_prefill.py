@@ -47,7 +47,9 @@ class PrefillBudget:
     score_elements / attention_elements: float32 elements of one batched
     landmark-scoring / grouped-softmax score tensor; query_tile: query blocks
     per grouped-softmax call (1 skips the hidden upper triangle and keeps a
-    CPU's score tensors in cache; a GPU wants few, large calls); mlp_rows:
+    CPU's score tensors in cache; on an H200, 4 read 131k tokens at 110k
+    tok/s against 88k for whole windows, which compute the hidden triangle
+    too); mlp_rows:
     tokens per MLP call (its hidden layer is the widest activation);
     batched_scoring: score many chunks per call (_select_batched, a GPU
     wants few large calls) rather than one chunk's own query rows at a time
@@ -70,7 +72,7 @@ class PrefillBudget:
             # (SmolLM2-135M in bf16): about 2M positions on an 80 GiB card.
             free, _ = torch.cuda.mem_get_info(device)
             return cls(positions=max(1 << 16, free // 4 // 10240), score_elements=1 << 28,
-                       attention_elements=1 << 28, query_tile=1 << 20, mlp_rows=1 << 17, batched_scoring=True,
+                       attention_elements=1 << 28, query_tile=4, mlp_rows=1 << 17, batched_scoring=True,
                        compile=True)
         return cls(positions=1 << 16, score_elements=1 << 20, attention_elements=1 << 22, query_tile=1,
                    mlp_rows=1 << 14)
