@@ -614,12 +614,9 @@ def bench(
         raise UserError("--lengths needs lengths of at least 64 tokens")
     loaded = _load(model, quantize, device, top_k, None)
     engine = _engine(loaded, kv_offload)
-    # warm-up: first calls allocate and pick kernels; on CUDA they also compile
-    # the layer-major prefill's kernels (tens of seconds, cached on disk)
-    warm = 16384 if engine.device.type == "cuda" else 256
-    for path in paths:
+    for path in paths:  # warm-up: first calls allocate and pick kernels (on CUDA, bench_engine also compiles)
         engine.prefill = path
-        engine.feed(prompt_ids(loaded.tokenizer, warm, seed))
+        engine.feed(prompt_ids(loaded.tokenizer, 256, seed))
     rows = []
     for n in sizes:
         ids = prompt_ids(loaded.tokenizer, n, seed)

@@ -136,7 +136,7 @@ class LandmarkEngine:
         self.auto_offload = AutoOffload(self.device, max_device_bytes) if offload == "auto" else None
         self.offload = self.auto_offload.initial if self.auto_offload else offload
         self.prefill = prefill
-        self.prefill_budget = PrefillBudget.for_device(self.device)
+        self.prefill_budget = PrefillBudget.for_device(self.device, small=offload == "cpu")
         self.tile = 1  # query blocks per attention tile
         self.trace = RetrievalTrace()
         self.reset()

@@ -66,8 +66,13 @@ class PrefillBudget:
     compile: bool = False
 
     @classmethod
-    def for_device(cls, device: torch.device) -> PrefillBudget:
+    def for_device(cls, device: torch.device, small: bool = False) -> PrefillBudget:
+        """small: a fixed GPU working set (--kv-offload cpu: the user keeps the
+        GPU's memory for the weights and landmark keys), at some speed."""
         if device.type == "cuda":
+            if small:  # 64k positions: ~1-2 GiB of activations and score tensors whatever the length
+                return cls(positions=1 << 16, score_elements=1 << 26, attention_elements=1 << 26, query_tile=4,
+                           mlp_rows=1 << 14, batched_scoring=True, compile=True)
             # A quarter of the free memory for activations at ~10 KiB a position
             # (SmolLM2-135M in bf16): about 2M positions on an 80 GiB card.
             free, _ = torch.cuda.mem_get_info(device)
