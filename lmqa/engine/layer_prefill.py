@@ -405,7 +405,9 @@ class _MaybeCompiled:
             try:
                 if self.compiled is None:
                     self.compiled = torch.compile(self.fn, dynamic=True)
-                return self.compiled(*args)
+                with warnings.catch_warnings():  # inductor's note on how it fused a softmax: not the user's concern
+                    warnings.filterwarnings("ignore", message="Online softmax is disabled")
+                    return self.compiled(*args)
             except Exception as e:  # noqa: BLE001 - any failure: the eager form is the reference
                 self.failed = True
                 warnings.warn(f"torch.compile of {self.fn.__name__} failed, running it eagerly: {e}")
