@@ -13,7 +13,7 @@ import dataclasses
 import pytest
 import torch
 
-from lmqa.engine.landmark_engine import LandmarkEngine, top_blocks
+from lmqa.engine.landmark_engine import LandmarkEngine, _largest_by_max, top_blocks
 from lmqa.engine.landmarks import LandmarkConfig
 from lmqa.engine.layer_prefill import Chunk, batches, plan_chunks, super_chunks
 
@@ -276,3 +276,19 @@ def test_top_blocks_equals_a_stable_sort_with_ties_to_the_newest_block():
         ids, scores = top_blocks(s, k)
         assert torch.equal(ids, reference(s, k)), trial
         assert torch.equal(scores, s.gather(-1, ids))
+        key = torch.randperm(n * 6, generator=g).view(2, 3, n).long() - 3 * n  # unique, some negative
+        assert torch.equal(_largest_by_max(key, k).sort(-1).values, key.topk(k).values.sort(-1).values)
+
+
+@pytest.mark.cuda
+def test_top_blocks_on_cuda_equals_the_cpu_rule():
+    """On CUDA top_blocks takes the k largest keys by max-reductions."""
+    g = torch.Generator().manual_seed(1)
+    for trial in range(50):
+        s = torch.round(torch.randn(3, 20000, generator=g) * 4) / 4  # many ties
+        if trial % 2:
+            s = torch.softmax(s * 8, -1)  # many probabilities of exactly 0
+        for k in (1, 5):
+            ids, scores = top_blocks(s.cuda(), k)
+            want, _ = top_blocks(s, k)
+            assert torch.equal(ids.cpu(), want), trial

@@ -47,8 +47,22 @@ def top_blocks(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor
     bits = (scores.float() + 0.0).contiguous().view(torch.int32)  # + 0.0: -0.0 ties with 0.0
     bits = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits).long()
     key = (bits << 32) + torch.arange(scores.shape[-1], device=scores.device)
-    ids = (key.topk(k, dim=-1).values & 0xFFFFFFFF).sort(dim=-1).values
+    best = _largest_by_max(key, k) if scores.is_cuda else key.topk(k, dim=-1).values
+    ids = (best & 0xFFFFFFFF).sort(dim=-1).values
     return ids, scores.gather(-1, ids)
+
+
+def _largest_by_max(key: torch.Tensor, k: int) -> torch.Tensor:
+    """key.topk(k).values (unordered) for unique keys, as k max-reductions: on
+    a GPU, a 64-bit topk over 16,000 landmarks takes ~150 us (a third of a
+    decoding step at a million tokens), k small reductions a fraction."""
+    key = key.clone()
+    out = []
+    for _ in range(k):
+        top = key.amax(dim=-1, keepdim=True)
+        out.append(top)
+        key.masked_fill_(key == top, torch.iinfo(torch.int64).min)
+    return torch.cat(out, dim=-1)
 
 
 def landmark_probs(qg: torch.Tensor, landmarks: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
