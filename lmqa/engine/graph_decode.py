@@ -12,8 +12,9 @@ at once. A graph needs fixed shapes and fixed addresses, so this step:
     landmark_probs, and gathers the k best from device-resident stores.
 It serves the common step only: one ordinary token that does not close its
 block, blocks on the device (`--kv-offload device`, or auto while they fit)
-in the compute dtype, no mapped prefix, no answer evidence being collected,
-at least k blocks stored. Everything else (a token and the landmark closing
+in the compute dtype, no mapped prefix, at least k blocks stored. It also
+hands answer evidence (each retrieved block's attention share) to the
+engine's recorder, as the eager step does. Everything else (a token and the landmark closing
 its block, prefill, host-resident blocks) takes the engine's eager step. The
 graph is captured again when a store's buffers move (they grow by doubling).
 
@@ -50,6 +51,8 @@ class GraphDecoder:
         self.q_block = torch.full((1,), k, dtype=torch.long, device=dev)  # the window follows the k retrieved blocks
         self.ids = torch.zeros(L, e.n_kv, k, dtype=torch.long, device=dev)
         self.scores = torch.zeros(L, e.n_kv, k, device=dev)
+        # each retrieved block's share of the query's attention, for answer evidence  # [L, Hkv, G, k]
+        self.block_probs = torch.zeros(L, e.n_kv, e.n_heads // e.n_kv, k, device=dev)
         self.logits = torch.zeros(e.model.lm_head.out_features, device=dev)
         self.is_landmark = torch.arange(self.logits.shape[0], device=dev) == cfg.landmark_id
         h = e.llama.embed_tokens.weight[:1]
@@ -70,7 +73,7 @@ class GraphDecoder:
 
     def can_step(self, stream: list[int]) -> bool:
         e = self.engine
-        return (not self.broken and len(stream) == 1 and e.evidence is None and e.offload == "device" and e.kv_dtype == e.dtype
+        return (not self.broken and len(stream) == 1 and e.offload == "device" and e.kv_dtype == e.dtype
                 and e.n_blocks >= e.config.top_k
                 and all(s.landmark_keys.n_base == 0 and s.n_frozen == 0 for s in e.stores)
                 and len({s.landmark_keys.data.shape[0] for s in e.stores}) == 1)
@@ -104,6 +107,9 @@ class GraphDecoder:
         e.open.keys = [self.open_k[li, :, :, : p + 1] for li in range(len(e.stores))]
         e.open.values = [self.open_v[li, :, :, : p + 1] for li in range(len(e.stores))]
         self.views = e.open.keys[0]
+        if e.evidence is not None:
+            for li in range(len(e.stores)):
+                e.evidence.add(self.ids[li], self.block_probs[li])
         e.trace.steps.append(RetrievalStep("token", e.n_tokens, self.ids.to("cpu", copy=True),
                                            self.scores.to("cpu", copy=True)))
         e.n_tokens += 1
@@ -158,7 +164,8 @@ class GraphDecoder:
             win_k = rotate(self.open_k[li][0], *self.window)  # [Hkv, S, d]
             keys = torch.cat([blocks_k, win_k[:, None]], dim=1)[None]  # [1, Hkv, k + 1, S, d]
             values = torch.cat([blocks_v, self.open_v[li][0][:, None]], dim=1)[None]
-            out = grouped_attention_inference(q, keys, values, self.q_block, self.p)
+            out, probs = grouped_attention_inference(q, keys, values, self.q_block, self.p, block_probs=True)
+            self.block_probs[li].copy_(probs[0, :, :, :k])  # [Hkv, G, k]
             out = out.transpose(1, 2).reshape(1, 1, H * d).to(h.dtype)
             h = h + attn.o_proj(out)
             h = h + layer.mlp(layer.post_attention_layernorm(h))
