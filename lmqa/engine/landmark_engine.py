@@ -130,7 +130,7 @@ class LandmarkEngine:
         offload: "cpu", "device" or "auto" (offload.py; max_device_bytes is
         its budget). prefill: how multi-token feeds run: "layer" (layer-major,
         layer_prefill.py) or "serial" (chunk by chunk through every layer: the
-        reference, and the path single tokens always take)."""
+        reference, and the path any feed shorter than a prefill chunk takes)."""
         from .graph_decode import GraphDecoder
         from .layer_prefill import PrefillBudget
         from .offload import AutoOffload
@@ -222,7 +222,9 @@ class LandmarkEngine:
             raise ValueError("nothing to feed")
         if self.auto_offload is not None:
             self.auto_offload.before_feed(self, len(ids))
-        if self.prefill == "layer" and len(ids) > 1:
+        # Shorter than a prefill chunk (a question, a chat turn), a feed is one
+        # chunk either way: serially, it skips compiling layer-major kernels on CUDA.
+        if self.prefill == "layer" and len(ids) >= self.config.prefill_chunk:
             from .layer_prefill import feed
 
             return feed(self, ids, progress)

@@ -406,7 +406,7 @@ class _MaybeCompiled:
                 if self.compiled is None:
                     self.compiled = torch.compile(self.fn, dynamic=True)
                 with warnings.catch_warnings():  # inductor's note on how it fused a softmax: not the user's concern
-                    warnings.filterwarnings("ignore", message="Online softmax is disabled")
+                    warnings.filterwarnings("ignore", message=r"\s*Online softmax is disabled")
                     return self.compiled(*args)
             except Exception as e:  # noqa: BLE001 - any failure: the eager form is the reference
                 self.failed = True
