@@ -465,7 +465,7 @@ def ask(
     path: Annotated[Path, typer.Argument(help="A document (.txt .md .rst .epub .pdf), a directory read as a codebase, - for standard input, or a context file from `lmqa ingest` (.lmqa).")],
     question: Annotated[str, typer.Argument(help="The question to answer from the document.")],
     include: IncludeOpt = None, exclude: ExcludeOpt = None, max_memory: MaxMemoryOpt = "auto",
-    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", min=1, help="Longest answer, in tokens.")] = 200,
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", "-n", min=1, help="Longest answer, in tokens.")] = 200,
     temperature: Annotated[float, typer.Option("--temperature", min=0.0, help="0 = greedy.")] = 0.0,
     show_blocks: Annotated[int, typer.Option("--show-blocks", min=0, help="Also list the N most retrieved blocks per layer, with file:line and snippet (default 0: only the evidence passages).")] = 0,
     trace: Annotated[Optional[Path], typer.Option("--trace", help="Write the full retrieval trace (every step, layer and head: block ids, scores, sources) to this JSON file.")] = None,
@@ -808,7 +808,7 @@ def ingest_command(
 def chat(
     path: Annotated[Path, typer.Argument(help="A context file from `lmqa ingest` (.lmqa), a document, a directory read as a codebase, or - for standard input.")],
     include: IncludeOpt = None, exclude: ExcludeOpt = None, max_memory: MaxMemoryOpt = "auto",
-    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", min=1, help="Longest answer, in tokens.")] = 200,
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", "-n", min=1, help="Longest answer, in tokens.")] = 200,
     temperature: Annotated[float, typer.Option("--temperature", min=0.0, help="0 = greedy.")] = 0.0,
     show_blocks: Annotated[int, typer.Option("--show-blocks", min=1, help="Blocks per layer that /blocks lists.")] = 3,
     keep: Annotated[bool, typer.Option("--keep", help="Keep the conversation from the start (/keep on).")] = False,

@@ -155,9 +155,10 @@ def test_ask_plain_invocation(runner, tiny_model_dir, doc_file):
 
 
 def test_ask_from_stdin(runner, tiny_model_dir):
-    res = run(runner, "ask", "-", "what colour is the sky?", "--model", tiny_model_dir, "--max-new-tokens", 2,
+    res = run(runner, "ask", "-", "what colour is the sky?", "--model", tiny_model_dir, "-n", 2,
               "--show-blocks", 0, "--device", "cpu", input="The sky is blue. " * 20)
     assert_ok(res)
+    assert re.search(r"\b[0-2] tokens in [\d.]+ s", res.output), res.output  # -n: llama.cpp's --max-new-tokens
     assert "prefill" in res.output
 
 
