@@ -288,6 +288,15 @@ def _layer(engine: LandmarkEngine, li: int, layer, h: torch.Tensor, layout: _Lay
     return h
 
 
+def _stored_landmarks(store, rope: _Rope) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """What both selections score against: the layer's landmark keys
+    [Hkv, n, d], the same rotated into slot 0 (where every landmark older than
+    a chunk's k most recent sits), and which equal the first [Hkv, n] (layer 0,
+    where all are the landmark embedding's, see _select_batched)."""
+    lm = store.landmark_keys.view().transpose(0, 1)  # [Hkv, n, d]
+    return lm, rotate(lm, *rope.old_landmarks), (lm == lm[:, :1]).all(-1)
+
+
 def _select_per_chunk(engine: LandmarkEngine, store, q_win: torch.Tensor, layout: _Layout, rope: _Rope,
                       budget: PrefillBudget) -> tuple[torch.Tensor, torch.Tensor]:
     """_select_batched's result, one chunk at a time: each chunk's own query
@@ -298,9 +307,7 @@ def _select_per_chunk(engine: LandmarkEngine, store, q_win: torch.Tensor, layout
     C, H, W, d = q_win.shape
     Hkv, k = engine.n_kv, layout.k
     group = H // Hkv
-    lm = store.landmark_keys.view().transpose(0, 1)  # [Hkv, n, d]
-    lm_old = rotate(lm, *rope.old_landmarks)
-    like_first = (lm == lm[:, :1]).all(-1)  # [Hkv, n]
+    lm, lm_old, like_first = _stored_landmarks(store, rope)
     ids_out = torch.full((C, Hkv, k), -1, dtype=torch.long, device=q_win.device)
     scores_out = torch.zeros(C, Hkv, k, device=q_win.device)
     for c in range(C):
@@ -338,9 +345,7 @@ def _select_batched(engine: LandmarkEngine, store, q_win: torch.Tensor, layout: 
     C, H, W, d = q_win.shape
     Hkv, k = engine.n_kv, layout.k
     group = H // Hkv
-    lm = store.landmark_keys.view().transpose(0, 1)  # [Hkv, n, d]
-    lm_old = rotate(lm, *rope.old_landmarks)
-    like_first = (lm == lm[:, :1]).all(-1)  # [Hkv, n]
+    lm, lm_old, like_first = _stored_landmarks(store, rope)
     ids_out = torch.empty(C, Hkv, k, dtype=torch.long, device=q_win.device)
     scores_out = torch.empty(C, Hkv, k, device=q_win.device)
     if not max(layout.r):  # nothing stored before any chunk
