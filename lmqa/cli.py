@@ -379,6 +379,8 @@ def _open_context(path: Path, model, quantize, device, kv_offload, top_k, block_
 
 IncludeOpt = Annotated[Optional[list[str]], typer.Option("--include", help="Codebases: read only files matching this .gitignore-style glob (repeatable).")]
 ExcludeOpt = Annotated[Optional[list[str]], typer.Option("--exclude", help="Codebases: skip files and directories matching this .gitignore-style glob (repeatable).")]
+QuoteOpt = Annotated[bool, typer.Option("--quote/--no-quote", help="Documents: hold the answer to a verbatim passage of the document (as the default model is trained to answer: no invented details), or let the model use its own words. Codebase answers are never held.")]
+SeedOpt = Annotated[Optional[int], typer.Option("--seed", help="Random seed for sampling (with --temperature above 0).")]
 MaxMemoryOpt = Annotated[str, typer.Option("--max-memory", help="Key/value memory to use (e.g. 4GiB, 512M; auto = 80% of the free memory where blocks live). A document whose cache exceeds it is read through a temporary file on disk; ingest always streams to its file.")]
 
 
@@ -471,6 +473,7 @@ def ask(
     trace: Annotated[Optional[Path], typer.Option("--trace", help="Write the full retrieval trace (every step, layer and head: block ids, scores, sources) to this JSON file.")] = None,
     plot: Annotated[Optional[Path], typer.Option("--plot", help="Write a layers x blocks retrieval heatmap, chapters or files marked, to this PNG file.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON result (answer, timings, evidence passages, retrieved spans with --show-blocks) and nothing else on stdout.")] = False,
+    quote: QuoteOpt = True, seed: SeedOpt = None,
     kv_dtype: KvDtypeOpt = None,
     model: ModelOpt = None, quantize: QuantOpt = "none", device: DeviceOpt = "auto",
     kv_offload: OffloadOpt = "auto", top_k: TopKOpt = None, block_size: BlockOpt = None,
@@ -493,13 +496,14 @@ def ask(
     session = _session(path, include, exclude, max_memory, model, quantize, device, kv_offload, top_k, block_size,
                        kv_dtype)
     _report_memory(session.engine)
+    session.quote = quote and session.kind == "document"
 
     decoder = StreamDecoder(session.loaded.tokenizer)
 
     def stream(t: int):
         console.print(decoder.push(t), end="", soft_wrap=True, highlight=False, markup=False)
 
-    answer = session.ask(question, SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature),
+    answer = session.ask(question, SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature, seed=seed),
                          on_token=None if as_json else stream)
     t = answer.timings
     if not as_json:
@@ -812,6 +816,7 @@ def chat(
     temperature: Annotated[float, typer.Option("--temperature", min=0.0, help="0 = greedy.")] = 0.0,
     show_blocks: Annotated[int, typer.Option("--show-blocks", min=1, help="Blocks per layer that /blocks lists.")] = 3,
     keep: Annotated[bool, typer.Option("--keep", help="Keep the conversation from the start (/keep on).")] = False,
+    quote: QuoteOpt = True, seed: SeedOpt = None,
     kv_dtype: KvDtypeOpt = None,
     model: ModelOpt = None, quantize: QuantOpt = "none", device: DeviceOpt = "auto",
     kv_offload: OffloadOpt = "auto", top_k: TopKOpt = None, block_size: BlockOpt = None,
@@ -823,6 +828,7 @@ def chat(
 
     session = _session(path, include, exclude, max_memory, model, quantize, device, kv_offload, top_k, block_size,
                        kv_dtype)
-    config = ChatConfig(SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature), show_blocks, keep,
+    session.quote = quote and session.kind == "document"
+    config = ChatConfig(SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature, seed=seed), show_blocks, keep,
                         CACHE_DIR / "chat-history")
     Chat(session, config, console, err).run(line_reader(config.history))

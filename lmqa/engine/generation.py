@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Protocol
 
 import torch
 
@@ -18,6 +18,13 @@ class SamplingConfig:
     seed: int | None = None
 
 
+class LogitsProcessor(Protocol):
+    """Reshapes the next token's logits [vocab] (float32, on the CPU) given the
+    tokens generated so far: -inf forbids a token (see lmqa/qa/quote.py)."""
+
+    def __call__(self, logits: torch.Tensor, generated: list[int]) -> torch.Tensor: ...
+
+
 def sample(logits: torch.Tensor, cfg: SamplingConfig, generator: torch.Generator | None) -> int:
     if cfg.temperature <= 0:
         return int(logits.argmax())
@@ -30,14 +37,19 @@ def sample(logits: torch.Tensor, cfg: SamplingConfig, generator: torch.Generator
 
 
 def generate(engine: LandmarkEngine, prompt_ids: list[int], cfg: SamplingConfig, stop_ids: set[int],
-             on_token: Callable[[int], None] | None = None, on_prefill: Callable[[int], None] | None = None) -> list[int]:
+             on_token: Callable[[int], None] | None = None, on_prefill: Callable[[int], None] | None = None,
+             processors: tuple[LogitsProcessor, ...] = ()) -> list[int]:
     """Generate after prompt_ids; on_token streams each new token, on_prefill
-    reports prefill progress in positions."""
+    reports prefill progress in positions; processors reshape each step's
+    logits, in order."""
     generator = torch.Generator().manual_seed(cfg.seed) if cfg.seed is not None else None
     logits = engine.feed(prompt_ids, progress=on_prefill)
     out: list[int] = []
     for _ in range(cfg.max_new_tokens):
-        tok = sample(logits.cpu(), cfg, generator)
+        logits = logits.float().cpu()
+        for process in processors:
+            logits = process(logits, out)
+        tok = sample(logits, cfg, generator)
         if tok in stop_ids:
             break
         out.append(tok)

@@ -166,6 +166,7 @@ class LoadedModel:
     name: str
     trained: bool  # fine-tuned with landmarks (else the engine runs an untrained base)
     prompt_format: str = "chat"
+    abstain_margin: float | None = None  # nats a refusal must win by (lmqa/qa/abstention.py); None: no refusal trained
 
 
 def resolve_device(device: str) -> torch.device:
@@ -350,4 +351,5 @@ def load_model(spec: str | None = None, quantize: str = "none", device: str = "a
     landmark = LandmarkConfig(landmark_id=landmark_id, block_size=block_size or b, top_k=top_k or k,
                               train_context=ctx, chunk_size=chunk)
     name = manifest.name if manifest else str(spec)
-    return LoadedModel(model, tokenizer, landmark, name, trained, manifest.prompt_format if manifest else "chat")
+    return LoadedModel(model, tokenizer, landmark, name, trained, manifest.prompt_format if manifest else "chat",
+                       manifest.abstain_margin if manifest else None)

@@ -65,6 +65,7 @@ class Manifest:
     train_context: int = 1024
     chunk_size: int | None = None
     prompt_format: str = "chat"
+    abstain_margin: float | None = None  # see lmqa/qa/abstention.py; None: the model has no trained refusal
     adapter: dict[str, str] = field(default_factory=dict)  # file name -> sha256
 
     @property
@@ -100,6 +101,7 @@ def read_manifest(path: Path) -> Manifest:
             train_context=int(lm.get("train_context", 1024)),
             chunk_size=lm.get("chunk_size"),
             prompt_format=raw.get("prompt", {}).get("format", "chat"),
+            abstain_margin=raw.get("answer", {}).get("abstain_margin"),
             adapter=dict(raw.get("adapter", {}).get("files", {})),
         )
     except (OSError, KeyError, TypeError, ValueError, tomllib.TOMLDecodeError) as err:

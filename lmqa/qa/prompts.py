@@ -5,6 +5,9 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+# The answer lmqa's QA training teaches for a question the document does not answer.
+REFUSAL = "The document does not say."
+
 PROMPTS_DIR = Path(os.environ.get("LMQA_PROMPTS", Path(__file__).resolve().parents[2] / "prompts"))
 
 

@@ -16,11 +16,13 @@ from dataclasses import dataclass
 from typing import Literal
 
 from lmqa.engine.landmark_engine import LandmarkEngine, Mark, RetrievalStep
+from .abstention import AbstentionPrior
 from .evidence import BlockMass, EvidenceRecorder
-from lmqa.engine.generation import SamplingConfig, generate
+from lmqa.engine.generation import LogitsProcessor, SamplingConfig, generate
 from lmqa.ingest import BlockSource, Document, build_source_map, kv_cache_bytes, tokenize_document
 from lmqa.model.loading import LoadedModel
-from .prompts import template
+from .prompts import REFUSAL, template
+from .quote import QuoteConstraint, normalize
 
 DocumentKind = Literal["document", "codebase"]
 KINDS: tuple[str, ...] = ("document", "codebase")
@@ -112,6 +114,7 @@ class Answer:
     steps: list[RetrievalStep]  # this answer's steps: question prefill chunks, then one per generated token
     sources: Mapping[int, BlockSource]  # the session's source map, shared
     evidence: BlockMass | None = None  # attention mass per block of the answer tokens' queries (evidence.py)
+    refusal_scores: tuple[float, float] | None = None  # log p of "does not say" vs the best other start (abstention.py)
 
     @property
     def n_layers(self) -> int:
@@ -137,6 +140,11 @@ class DocumentSession:
 
     The engine belongs to the session from ingest() on: it is reset there,
     and every ask() leaves it at the document state (or at the last kept turn).
+
+    quote: answers about a document are held to verbatim passages of it
+    (quote.py), as the model was trained to answer; codebase answers name
+    files in their own words and are never held. Set it False for answers
+    in the model's own words.
     """
 
     def __init__(self, loaded: LoadedModel, engine: LandmarkEngine, document: Document, kind: DocumentKind = "document"):
@@ -147,6 +155,8 @@ class DocumentSession:
         self.document = document
         self.kind = kind
         self.prompt = QAPrompt(loaded, kind)
+        self.quote = kind == "document"
+        self._quotable: str | None = None  # the document's text as QuoteConstraint matches it
         self._ids: list[int] | None = None
         self.doc_token_start = 0  # ordinary tokens of the prompt head before the document
         self.sources: dict[int, BlockSource] = {}
@@ -244,9 +254,11 @@ class DocumentSession:
             if on_token is not None:
                 on_token(t)
 
+        processors = self.answer_rules()
         start = time.perf_counter()
         try:
-            out = generate(self.engine, ids, sampling, self.stop_ids(), on_token=token, on_prefill=prefilled)
+            out = generate(self.engine, ids, sampling, self.stop_ids(), on_token=token, on_prefill=prefilled,
+                           processors=processors)
         except BaseException:  # Ctrl-C in a chat stops the answer: the session stays as it was
             self.engine.rollback(self._mark)
             raise
@@ -261,8 +273,21 @@ class DocumentSession:
             self.engine.rollback(self._mark)
         first = times.get("first", end)
         timings = Timings(len(ids), times.get("prefill", start) - start, first - start, end - first, len(out))
+        refusal = next((p.scores for p in processors if isinstance(p, AbstentionPrior)), None)
         return Answer(question, tok.decode(out, skip_special_tokens=True).strip(), out, timings, steps, self.sources,
-                      recorder.result())
+                      recorder.result(), refusal)
+
+    def answer_rules(self) -> tuple[LogitsProcessor, ...]:
+        """The refusal's margin (for models trained to refuse), then quoting."""
+        tok, rules = self.loaded.tokenizer, []
+        if self.loaded.abstain_margin is not None:
+            refusal = tok(REFUSAL, add_special_tokens=False).input_ids
+            rules.append(AbstentionPrior(self.engine, refusal, self.stop_ids(), self.loaded.abstain_margin))
+        if self.quote:
+            if self._quotable is None:
+                self._quotable = normalize(self.document.text)
+            rules.append(QuoteConstraint(tok, self._quotable, (REFUSAL,), self.stop_ids()))
+        return tuple(rules)
 
     def forget(self) -> None:
         """Drop kept turns: back to the document state."""

@@ -35,9 +35,9 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .data import Example
+from lmqa.qa.prompts import REFUSAL as NOT_SAID
 
-NOT_SAID = "The document does not say."
+from .data import Example
 
 # ----- word lists (training only; tests check that none holds an eval answer) -----
 _ONSETS = ["b", "br", "c", "d", "dr", "f", "g", "gr", "h", "k", "l", "m", "n", "p", "r", "s", "st", "t", "th", "v", "w", "z"]

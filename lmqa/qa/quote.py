@@ -1,0 +1,120 @@
+"""Answers that quote the document: a logits processor for generate().
+
+The shipped model answers a question with the sentence of the document that
+holds the fact (that is how lmqa trains it, see lmqa/train/qa_data.py). A
+135M model often finds the right sentence and then drifts while copying it
+("a shade of green" where the book says "a shade she called thunderstorm
+teal"). QuoteConstraint lets only tokens through that keep the answer a
+verbatim passage of the document (case and whitespace aside), or a prefix of
+one of a few fixed answers such as "The document does not say.". The model
+still chooses where to quote from and when to stop; it can no longer invent.
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+
+_SPACE = re.compile(r"\s+")
+
+
+def normalize(text: str) -> str:
+    """Lower case, every run of whitespace one space: a quote may differ from
+    the document in line breaks and capitals only."""
+    return _SPACE.sub(" ", text).lower()
+
+
+class QuoteConstraint:
+    """Among the `candidates` likeliest next tokens (64 times as many when
+    none of them fits), keeps those whose answer
+    text still occurs in the document (or starts one of `fixed`); every
+    other token gets -inf. Stop tokens are allowed once the answer has text,
+    so when no candidate fits, only stopping is left (with no stop tokens,
+    or before any text, the logits then pass unchanged).
+
+    Matching is incremental: the offsets where the answer so far occurs are
+    kept, so a step costs one comparison per (candidate, offset)."""
+
+    def __init__(self, tokenizer, quotable: str, fixed: tuple[str, ...] = (), stop_ids: set[int] = frozenset(),
+                 candidates: int = 64):
+        """quotable: the document's text, normalize()d (a session keeps it)."""
+        self.tokenizer = tokenizer
+        self.text = quotable
+        self.fixed = tuple(normalize(f) for f in fixed)
+        self.stop_ids = set(stop_ids)
+        self.special = set(tokenizer.all_special_ids) | {i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
+        self.candidates = candidates
+        self._answer = ""  # normalized answer text of the tokens seen so far
+        self._seen: list[int] = []
+        self._offsets: list[int] | None = None  # where _answer occurs in the document (None: not yet searched)
+
+    def __call__(self, logits: torch.Tensor, generated: list[int]) -> torch.Tensor:
+        self._advance(generated)
+        out = torch.full_like(logits, float("-inf"))
+        allowed = []
+        for n in (self.candidates, 64 * self.candidates):  # the likeliest first; wider only when none fits
+            allowed = [t for t in logits.topk(min(n, logits.numel())).indices.tolist() if self._fits(t)]
+            if allowed or n >= logits.numel():
+                break
+        if self._answer:
+            allowed += [t for t in self.stop_ids if t < logits.numel()]
+        if not allowed:
+            return logits
+        out[allowed] = logits[allowed]
+        return out
+
+    # ----- matching -----
+    def _text(self, ids: list[int]) -> tuple[str, int]:
+        """The normalized answer text of ids, without leading space, and the
+        count of replacement characters it ends in: bytes of a character
+        that a token boundary cut (at most 3 of a 4-byte UTF-8 character)."""
+        text = normalize(self.tokenizer.decode(ids, skip_special_tokens=True)).lstrip()
+        whole = text.rstrip("\ufffd")
+        return whole, len(text) - len(whole)
+
+    def _advance(self, generated: list[int]) -> None:
+        if generated == self._seen:
+            return
+        if generated[: len(self._seen)] != self._seen:  # a new answer: start over
+            self._seen, self._answer, self._offsets = [], "", None
+        self._seen = list(generated)
+        answer, _ = self._text(generated)
+        if answer != self._answer:
+            self._offsets = self._occurrences(answer)
+            self._answer = answer
+
+    def _occurrences(self, answer: str) -> list[int]:
+        if not answer:
+            return []
+        if self._offsets is None or not answer.startswith(self._answer):
+            return [m.start() for m in re.finditer(f"(?={re.escape(answer)})", self.text)]
+        return [p for p in self._offsets if self.text.startswith(answer, p)]
+
+    def _fits(self, token: int) -> bool:
+        if token in self.stop_ids or token in self.special:
+            return False  # stopping is decided in __call__; other special tokens are no text
+        answer, cut = self._text(self._seen + [token])
+        if cut > 3:
+            return False
+        if cut:  # part of a character: the document must have one that is not ASCII next
+            return self._continues(answer, lambda c: not c.isascii())
+        if not answer or answer == self._answer:
+            return True  # whitespace: decided by the next token
+        return any(f.startswith(answer) for f in self.fixed) or self._continues(answer)
+
+    def _continues(self, answer: str, next_char=None) -> bool:
+        """Does answer occur in the document (with next_char(c) true of the
+        character after it)?"""
+        if answer and not answer.startswith(self._answer):
+            return False
+        if not self._answer:
+            starts = [m.start() for m in re.finditer(f"(?={re.escape(answer)})", self.text)] if next_char else None
+            if starts is None:
+                return answer in self.text
+        else:
+            starts = self._offsets
+        end = len(answer)
+        return any(self.text.startswith(answer, p) and (next_char is None or (p + end < len(self.text)
+                                                                          and next_char(self.text[p + end])))
+                   for p in starts)

@@ -1,0 +1,89 @@
+"""Calibrate a model's refusal margin (lmqa/qa/abstention.py) on
+training-distribution questions: facts drawn as lmqa's QA training draws
+them (lmqa/train/qa_data.py), written into haystacks cut from the TRAINING
+books, asked either for a written fact or for a similar one that is not
+written. Never on evaluation books or needles.
+
+Each case is answered once with refusals ruled out (margin = inf), which
+records the answer the model gives when it must answer and the two scores
+the margin is compared with; the margin that a user would want is then a
+choice over those records (choose_margin).
+
+    python scripts/calibrate_refusal.py --cases 60 --lengths 2000,4000,8000 -o /tmp/calib.jsonl
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import sys
+from pathlib import Path
+
+import torch
+
+from lmqa.engine.generation import SamplingConfig
+from lmqa.engine.landmark_engine import LandmarkEngine
+from lmqa.evaluation.tasks import build_haystack, is_correct, one_file, read_books
+from lmqa.model.loading import load_model
+from lmqa.qa.abstention import choose_margin
+from lmqa.qa.prompts import REFUSAL
+from lmqa.qa.session import DocumentSession, QAPrompt
+from lmqa.train.qa_data import fact_family, insert_at_sentences
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", default=None)
+    ap.add_argument("--books", type=Path, default=ROOT.parent / "shared/books/train")
+    ap.add_argument("--cases", type=int, default=60)
+    ap.add_argument("--lengths", default="2000,4000,8000")
+    ap.add_argument("--answerable", type=float, default=0.75, help="share of questions a user asks that the document answers")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("-o", "--out", type=Path, required=True)
+    args = ap.parse_args()
+    loaded = load_model(args.model, device="cpu")
+    engine = LandmarkEngine(loaded.model, loaded.landmark, offload="auto")
+    books = read_books(args.books)
+    lengths = [int(x) for x in args.lengths.split(",")]
+    records = []
+    with args.out.open("w") as out:
+        for i in range(args.cases):
+            rng = random.Random(f"calibrate/{args.seed}/{i}")
+            facts, asked, missing = fact_family(rng, rng.randint(1, 4))
+            answerable = i % 2 == 0
+            fact = facts[0].sentence
+            question = rng.choice(asked.questions if answerable else missing.questions)
+            prompt = QAPrompt(loaded, "document")
+            length = lengths[i % len(lengths)]
+            hay = build_haystack(loaded.tokenizer, books, length - 80, rng.random(), fact, rng)
+            text = insert_at_sentences(hay.text, [f.sentence for f in facts[1:]], rng)
+            session = DocumentSession(loaded, engine, one_file(text, "haystack.txt"))
+            session.ingest()
+            loaded_margin, loaded.abstain_margin = loaded.abstain_margin, math.inf  # answer, but score the refusal
+            try:
+                answer = session.ask(question, SamplingConfig(max_new_tokens=40))
+            finally:
+                loaded.abstain_margin = loaded_margin
+            refusal, best = answer.refusal_scores
+            record = dict(case=i, length=length, answerable=answerable, question=question, fact=asked.sentence,
+                          answer=answer.text, correct=answerable and is_correct(answer.text, [asked.answer]),
+                          refusal=refusal, best=best)
+            records.append(record)
+            out.write(json.dumps(record) + "\n")
+            out.flush()
+            print(f"{i} {length} {'answerable' if answerable else 'unanswerable'} refusal {refusal:.2f} best {best:.2f} "
+                  f"{'ok' if record['correct'] else '--'} {answer.text[:70]!r}", file=sys.stderr)
+    margin, scores = choose_margin(records, args.answerable)
+    for m, (ans, unans, total) in sorted(scores.items()):
+        print(f"margin {m:5.1f}: answerable right {ans:.0%}, unanswerable refused {unans:.0%}, "
+              f"expected right at {args.answerable:.0%} answerable {total:.1%}")
+    print(f"chosen margin: {margin}")
+
+
+if __name__ == "__main__":
+    torch.set_grad_enabled(False)
+    main()

@@ -1,0 +1,139 @@
+"""The answer's decoding rules: quoting (lmqa/qa/quote.py) against the
+obvious definition (the answer's text occurs in the document), and the
+refusal margin (lmqa/qa/abstention.py) against a refusal log-probability
+computed by feeding the refusal to a fresh engine."""
+
+from __future__ import annotations
+
+import math
+import random
+
+import pytest
+import torch
+
+from conftest import build_tiny_tokenizer, make_tiny_llama
+from lmqa.engine.generation import SamplingConfig, generate
+from lmqa.engine.landmark_engine import LandmarkEngine
+from lmqa.engine.landmarks import LandmarkConfig
+from lmqa.qa.abstention import AbstentionPrior, choose_margin
+from lmqa.qa.quote import QuoteConstraint, normalize
+
+DOCUMENT = ("The keeper of the light was a quiet man.\nHis cat, a grey tom, was named Pimento; "
+            "it slept on the lamp-room stairs.  Ships passed the rock at night, and the keeper counted them: "
+            "forty-one in the winter of the storm.")
+REFUSAL = "The document does not say."
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return build_tiny_tokenizer()
+
+
+def decode_with(tok, rule: QuoteConstraint, logits_for, steps: int = 30, stop: int | None = None) -> list[int]:
+    out: list[int] = []
+    for i in range(steps):
+        t = int(rule(logits_for(i), out).argmax())
+        if stop is not None and t == stop:
+            break
+        out.append(t)
+    return out
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_any_logits_give_a_quote_of_the_document_or_the_refusal(tok, seed):
+    g = torch.Generator().manual_seed(seed)
+    vocab = len(tok)
+    eos = tok.eos_token_id
+    rule = QuoteConstraint(tok, normalize(DOCUMENT), (REFUSAL,), stop_ids={eos}, candidates=vocab)
+    out = decode_with(tok, rule, lambda i: torch.randn(vocab, generator=g), stop=eos)
+    text = normalize(tok.decode(out)).strip()
+    assert text and (text in normalize(DOCUMENT) or normalize(REFUSAL).startswith(text)), text
+
+
+def test_a_favoured_quote_comes_out_whole_and_a_drift_is_cut_off(tok):
+    """Logits that favour "was named Pimento; it slept" but then push a word
+    the document does not have: the quote runs to where the document and the
+    push part, then takes the document's next token."""
+    wanted = tok("was named Pimento; it slept", add_special_tokens=False).input_ids
+    drift = tok(" Biscuit", add_special_tokens=False).input_ids[0]
+    vocab = len(tok)
+
+    def logits_for(i):
+        logits = torch.zeros(vocab)
+        if i < len(wanted):
+            logits[wanted[i]] = 5.0
+        if i == 2:
+            logits[drift] = 9.0  # "was named Biscuit": not in the document
+        return logits
+
+    rule = QuoteConstraint(tok, normalize(DOCUMENT), (), stop_ids=set(), candidates=vocab)
+    out = decode_with(tok, rule, logits_for, steps=len(wanted))
+    assert tok.decode(out) == "was named Pimento; it slept"
+
+
+def test_stopping_needs_text_and_the_candidates_are_the_likeliest(tok):
+    vocab, eos = len(tok), tok.eos_token_id
+    keeper = tok("keeper", add_special_tokens=False).input_ids
+    rule = QuoteConstraint(tok, normalize(DOCUMENT), (), stop_ids={eos}, candidates=4)
+    logits = torch.zeros(vocab)
+    logits[eos], logits[keeper[0]] = 10.0, 1.0
+    first = rule(logits, [])
+    assert first[eos] == float("-inf") and torch.isfinite(first[keeper[0]]) and torch.isfinite(first).sum() <= 3
+    assert torch.isfinite(rule(logits, keeper)[eos])
+
+
+def test_whitespace_and_case_do_not_break_a_quote(tok):
+    rule = QuoteConstraint(tok, normalize(DOCUMENT), (), stop_ids=set(), candidates=len(tok))
+    ids = tok("HIS CAT, a grey tom", add_special_tokens=False).input_ids  # the document breaks the line before "His"
+    for i in range(1, len(ids)):
+        assert torch.isfinite(rule(torch.zeros(len(tok)), ids[:i])[ids[i]])
+
+
+# ----- the refusal's margin -----
+LANDMARK = 1
+
+
+def tiny_engine(seed: int = 0) -> LandmarkEngine:
+    model = make_tiny_llama(vocab=64, seed=seed)
+    cfg = LandmarkConfig(landmark_id=LANDMARK, block_size=5, top_k=2, train_context=256)
+    return LandmarkEngine(model, cfg, offload="cpu", prefill="serial")
+
+
+def refusal_logprob_by_feeding(prompt: list[int], refusal: list[int], stops: list[int]) -> float:
+    engine = tiny_engine()
+    total, logits = 0.0, engine.feed(prompt)
+    for t in refusal:
+        total += float(torch.log_softmax(logits.float(), -1)[t])
+        logits = engine.feed([t])
+    return total + float(torch.logsumexp(torch.log_softmax(logits.float(), -1)[stops], 0))
+
+
+@pytest.mark.parametrize("margin,refuses", [(-math.inf, True), (math.inf, False)])
+def test_the_margin_forces_or_forbids_the_refusal_and_leaves_the_engine_as_it_was(margin, refuses):
+    rng = random.Random(0)
+    prompt = [rng.randrange(2, 64) for _ in range(23)]
+    refusal, stops = [7, 9, 11, 13], {3}
+    engine = tiny_engine()
+    rule = AbstentionPrior(engine, refusal, stops, margin)
+    out = generate(engine, prompt, SamplingConfig(max_new_tokens=8), stops, processors=(rule,))
+    assert rule.scores[0] == pytest.approx(refusal_logprob_by_feeding(prompt, refusal, sorted(stops)), abs=1e-4)
+    if refuses:
+        assert out == refusal
+    else:
+        assert out[:2] != refusal[:2]
+    # the look-ahead was rolled back: the answer's own steps follow the prompt directly
+    plain = tiny_engine()
+    plain.feed(prompt)
+    for t in out:
+        plain.feed([t])
+    assert engine.n_tokens == plain.n_tokens and len(engine.trace.steps) == len(plain.trace.steps)
+
+
+def test_choose_margin_trades_answers_against_refusals():
+    records = ([dict(answerable=True, correct=True, refusal=-1.0, best=-2.0)] * 3  # right from a margin of 1 on
+               + [dict(answerable=True, correct=False, refusal=-1.0, best=-5.0)]
+               + [dict(answerable=False, correct=False, refusal=-0.1, best=-3.0)] * 4)  # refused while margin < 2.9
+    margin, scores = choose_margin(records, answerable=0.75)
+    assert margin == 1.0  # answers the 3 (75% of answerable) and still refuses every unanswerable one
+    assert scores[1.0] == (0.75, 1.0, pytest.approx(0.8125))
+    assert scores[0.0][:2] == (0.0, 1.0) and scores[3.0][:2] == (0.75, 0.0)
