@@ -5,7 +5,8 @@ holds the fact (that is how lmqa trains it, see lmqa/train/qa_data.py). A
 135M model often finds the right sentence and then drifts while copying it
 ("a shade of green" where the book says "a shade she called thunderstorm
 teal"). QuoteConstraint lets only tokens through that keep the answer a
-verbatim passage of the document (case and whitespace aside), or a prefix of
+verbatim passage of the document (whitespace aside, and a capital where a
+quote starts a word the document writes in lower case), or a prefix of
 one of a few fixed answers such as "The document does not say.". The model
 still chooses where to quote from and when to stop; it can no longer invent.
 """
@@ -20,9 +21,17 @@ _SPACE = re.compile(r"\s+")
 
 
 def normalize(text: str) -> str:
-    """Lower case, every run of whitespace one space: a quote may differ from
-    the document in line breaks and capitals only."""
-    return _SPACE.sub(" ", text).lower()
+    """Every run of whitespace one space: a quote may break lines elsewhere."""
+    return _SPACE.sub(" ", text)
+
+
+def _pattern(answer: str) -> re.Pattern:
+    """Where answer occurs, as a zero-width match; an answer that starts with
+    a capital may also start at a word the document writes in lower case (a
+    quote taken from mid-sentence)."""
+    first, rest = answer[0], re.escape(answer[1:])
+    lower = f"|(?<!\\w){re.escape(first.lower())}" if first.lower() != first else ""
+    return re.compile(f"(?=(?:{re.escape(first)}{lower}){rest})")
 
 
 class QuoteConstraint:
@@ -88,8 +97,8 @@ class QuoteConstraint:
         if not answer:
             return []
         if self._offsets is None or not answer.startswith(self._answer):
-            return [m.start() for m in re.finditer(f"(?={re.escape(answer)})", self.text)]
-        return [p for p in self._offsets if self.text.startswith(answer, p)]
+            return [m.start() for m in _pattern(answer).finditer(self.text)]
+        return [p for p in self._offsets if self.text.startswith(answer[1:], p + 1)]
 
     def _fits(self, token: int) -> bool:
         if token in self.stop_ids or token in self.special:
@@ -106,15 +115,17 @@ class QuoteConstraint:
     def _continues(self, answer: str, next_char=None) -> bool:
         """Does answer occur in the document (with next_char(c) true of the
         character after it)?"""
-        if answer and not answer.startswith(self._answer):
-            return False
+        if not answer:  # half a character to start with
+            return next_char is None or any(not c.isascii() for c in self.text)
         if not self._answer:
-            starts = [m.start() for m in re.finditer(f"(?={re.escape(answer)})", self.text)] if next_char else None
-            if starts is None:
-                return answer in self.text
-        else:
+            if next_char is None:
+                return _pattern(answer).search(self.text) is not None
+            starts = [m.start() for m in _pattern(answer).finditer(self.text)]
+        elif answer.startswith(self._answer):
             starts = self._offsets
+        else:
+            return False
         end = len(answer)
-        return any(self.text.startswith(answer, p) and (next_char is None or (p + end < len(self.text)
-                                                                          and next_char(self.text[p + end])))
+        return any(self.text.startswith(answer[1:], p + 1) and (next_char is None or (p + end < len(self.text)
+                                                                                    and next_char(self.text[p + end])))
                    for p in starts)
