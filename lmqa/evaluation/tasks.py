@@ -212,6 +212,7 @@ class Trial:
     seconds: float
     evidence_hit: bool | None = None  # landmark only: a passage holds the fact
     evidence: list[str] = field(default_factory=list)  # file:line of each evidence passage
+    refusal_scores: tuple[float, float] | None = None  # landmark only: log p of refusing vs the best other start
 
 
 @dataclass(frozen=True)
@@ -306,7 +307,8 @@ class Evaluator:
         tokens = session.prepare() + answer.timings.question_tokens
         results = [Trial(task, "landmark", length, depth, trial, tokens, placed, question, expected, answer.text,
                          is_correct(answer.text, accepted), seconds,
-                         any(fact_blocks & set(p.blocks) for p in found), [p.location for p in found])]
+                         any(fact_blocks & set(p.blocks) for p in found), [p.location for p in found],
+                         answer.refusal_scores)]
         if self.baseline is not None:
             results += self._baselines(document, kind, question, expected, accepted, where)
         return results
