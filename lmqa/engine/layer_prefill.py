@@ -34,6 +34,7 @@ from typing import Callable, NamedTuple
 import torch
 import torch.nn.functional as F
 
+from . import landmark_scoring
 from .landmark_engine import LandmarkEngine, RetrievalStep, landmark_probs, rotate, top_blocks
 from .grouped_attention import grouped_attention_inference, last_block_attention
 from .landmarks import insert_landmarks
@@ -340,7 +341,9 @@ def _select_batched(engine: LandmarkEngine, store, q_win: torch.Tensor, layout: 
     Returns ids [C, Hkv, k] (ascending, the k - r_c missing ones first as -1) and
     their scores [C, Hkv, k] (0 where missing). Landmarks older than the chunk's
     k most recent all sit in slot 0, so one rotation serves every chunk for
-    them; the recent k are gathered and rotated per chunk.
+    them; the recent k are gathered and rotated per chunk. On CUDA with
+    Triton, landmark_scoring.best_rows scores those old landmarks without
+    storing the scores; the matmul and _best_rows below are the reference.
     """
     C, H, W, d = q_win.shape
     Hkv, k = engine.n_kv, layout.k
@@ -350,18 +353,27 @@ def _select_batched(engine: LandmarkEngine, store, q_win: torch.Tensor, layout: 
     scores_out = torch.empty(C, Hkv, k, device=q_win.device)
     if not max(layout.r):  # nothing stored before any chunk
         return ids_out.fill_(-1), scores_out.zero_()
-    costs = [H * W * (n_old + k) for n_old in layout.n_old]
+    # The fused kernels (landmark_scoring) never hold the [B, Hkv, G*W, n_old]
+    # scores: a chunk then costs its recent scores and its per-block rows
+    # (best_old, top_blocks' 64-bit keys), so a batch takes many more chunks.
+    fused = landmark_scoring.usable(q_win)
+    costs = [H * W * (k + 1) + 12 * Hkv * (n_old + k) if fused else H * W * (n_old + k) for n_old in layout.n_old]
     for lo, hi in batches(costs, budget.score_elements):
         n_old = layout.n_old[hi - 1]  # the batch's largest
-        qg = q_win[lo:hi].reshape(hi - lo, Hkv, group * W, d)
-        s_old = qg @ lm_old[:, :n_old].transpose(-1, -2)  # [B, Hkv, G*W, n_old]
+        qg = q_win[lo:hi].reshape(hi - lo, Hkv, group * W, d)  # [B, Hkv, G*W, d]
         too_recent = torch.arange(n_old, device=lm.device) >= layout.old_limit[lo:hi, None]  # [B, n_old]
         recent = layout.recent[lo:hi]  # [B, k]
         lm_recent = rotate(lm[:, recent.clamp(min=0)].transpose(0, 1), *rope.recent_landmarks)  # [B, Hkv, k, d]
         s_recent = qg @ lm_recent.transpose(-1, -2)  # [B, Hkv, G*W, k]
         rows = layout.scoring_rows[lo:hi, None, None].expand(-1, 1, group, -1).reshape(hi - lo, 1, group * W)
-        best_old, recent_best = _BEST_ROWS(budget.compile, s_old, s_recent, too_recent, recent < 0, rows, d**0.5)
-        del s_old, s_recent
+        if fused:
+            best_old, recent_best = landmark_scoring.best_rows(
+                qg, lm_old[:, :n_old], s_recent, layout.old_limit[lo:hi], recent < 0, rows, d**0.5)
+        else:
+            s_old = qg @ lm_old[:, :n_old].transpose(-1, -2)  # [B, Hkv, G*W, n_old]
+            best_old, recent_best = _BEST_ROWS(budget.compile, s_old, s_recent, too_recent, recent < 0, rows, d**0.5)
+            del s_old
+        del s_recent
         # Layer 0's landmark keys are all the landmark embedding's: give them
         # bitwise one score (a batched matmul may differ in the last bit by
         # column), so top_blocks' recency rule picks as the serial engine does.
@@ -386,7 +398,8 @@ def _best_rows(s_old: torch.Tensor, s_recent: torch.Tensor, too_recent: torch.Te
     chunk's; rows [B, 1, G*W]: the chunk's own queries. This is the one pass
     over every (query, earlier block) pair, so at 1M tokens its memory
     traffic bounds the prefill; on CUDA it runs compiled (_MaybeCompiled),
-    which fuses it into two reads of the matmul's output.
+    which fuses it into two reads of the matmul's output, unless
+    landmark_scoring's kernels (no stored scores at all) take its place.
     """
     s_old = s_old.float().div_(scale).masked_fill_(too_recent[:, None, None], float("-inf"))
     s_recent = s_recent.float().div_(scale).masked_fill_(recent_missing[:, None, None], float("-inf"))
