@@ -92,6 +92,7 @@ OffloadOpt = Annotated[str, typer.Option("--kv-offload", help="Where block keys/
 PrefillOpt = Annotated[str, typer.Option("--prefill", help="layer (whole input one layer at a time: fast) or serial (chunk by chunk through all layers: the reference).")]
 MaxGpuOpt = Annotated[str, typer.Option("--max-gpu-memory", help="With --kv-offload auto: GPU memory block keys/values may take (e.g. 20GiB); auto = half the GPU memory free at start.")]
 TopKOpt = Annotated[Optional[int], typer.Option("--top-k", "-k", min=1, help="Blocks retrieved per head and step (default: the model's).")]
+CandidatesOpt = Annotated[int, typer.Option("--candidates", "-c", min=1, help="Greedy answers: complete this many candidates (one from each of the likeliest first tokens) and give the likeliest whole answer; 1 = plain greedy, streamed as generated.")]
 BlockOpt = Annotated[Optional[int], typer.Option("--block-size", min=2, help="Tokens per block (only for models not trained with landmarks).")]
 
 
@@ -247,7 +248,8 @@ def eval_command(
     baselines: Annotated[bool, typer.Option("--baselines/--no-baselines", help="Also run the base model over its window's worth of the prompt's end, and over all of it up to --max-full.")] = True,
     baseline_model: Annotated[str, typer.Option("--baseline-model", help="The model the baselines run (full attention, no landmarks).")] = "smollm2-135m",
     max_full: Annotated[int, typer.Option("--max-full", min=0, help="Run the full-attention baseline only on prompts up to this many tokens.")] = 8192,
-    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", min=1, help="Longest answer, in tokens.")] = 32,
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", "-n", min=1, help="Longest answer, in tokens.")] = 64,
+    candidates: CandidatesOpt = 4,
     as_json: Annotated[bool, typer.Option("--json", help="Print the JSON result (summary and every trial) and nothing else on stdout.")] = False,
     model: ModelOpt = None, quantize: QuantOpt = "none", device: DeviceOpt = "auto",
     kv_offload: OffloadOpt = "auto", top_k: TopKOpt = None,
@@ -274,7 +276,8 @@ def eval_command(
         engine = _engine(loaded, kv_offload)
         base = _load(baseline_model, quantize, device, None, None) if baselines and chosen != ("passkey",) else None
         window = base.model.config.max_position_embeddings if base is not None else 0
-        settings = Settings(sizes, depth_values, trials, seed, chosen, max_new_tokens, max_full, window, code_tokens)
+        settings = Settings(sizes, depth_values, trials, seed, chosen, max_new_tokens, candidates, max_full, window,
+                            code_tokens)
         code_tree = read_code(code or CODE, loaded.tokenizer, code_tokens) if "code" in chosen else None
         evaluator = Evaluator(loaded, engine, settings, book_texts, load_needles(), base, code_tree)
         progress, evaluator.progress = _prefill_bar(evaluator.positions(), "eval")
@@ -473,7 +476,7 @@ def ask(
     trace: Annotated[Optional[Path], typer.Option("--trace", help="Write the full retrieval trace (every step, layer and head: block ids, scores, sources) to this JSON file.")] = None,
     plot: Annotated[Optional[Path], typer.Option("--plot", help="Write a layers x blocks retrieval heatmap, chapters or files marked, to this PNG file.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON result (answer, timings, evidence passages, retrieved spans with --show-blocks) and nothing else on stdout.")] = False,
-    quote: QuoteOpt = True, seed: SeedOpt = None,
+    quote: QuoteOpt = True, candidates: CandidatesOpt = 4, seed: SeedOpt = None,
     kv_dtype: KvDtypeOpt = None,
     model: ModelOpt = None, quantize: QuantOpt = "none", device: DeviceOpt = "auto",
     kv_offload: OffloadOpt = "auto", top_k: TopKOpt = None, block_size: BlockOpt = None,
@@ -503,7 +506,8 @@ def ask(
     def stream(t: int):
         console.print(decoder.push(t), end="", soft_wrap=True, highlight=False, markup=False)
 
-    answer = session.ask(question, SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature, seed=seed),
+    answer = session.ask(question, SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature, seed=seed,
+                                        candidates=candidates),
                          on_token=None if as_json else stream)
     t = answer.timings
     if not as_json:
@@ -816,7 +820,7 @@ def chat(
     temperature: Annotated[float, typer.Option("--temperature", min=0.0, help="0 = greedy.")] = 0.0,
     show_blocks: Annotated[int, typer.Option("--show-blocks", min=1, help="Blocks per layer that /blocks lists.")] = 3,
     keep: Annotated[bool, typer.Option("--keep", help="Keep the conversation from the start (/keep on).")] = False,
-    quote: QuoteOpt = True, seed: SeedOpt = None,
+    quote: QuoteOpt = True, candidates: CandidatesOpt = 4, seed: SeedOpt = None,
     kv_dtype: KvDtypeOpt = None,
     model: ModelOpt = None, quantize: QuantOpt = "none", device: DeviceOpt = "auto",
     kv_offload: OffloadOpt = "auto", top_k: TopKOpt = None, block_size: BlockOpt = None,
@@ -829,6 +833,7 @@ def chat(
     session = _session(path, include, exclude, max_memory, model, quantize, device, kv_offload, top_k, block_size,
                        kv_dtype)
     session.quote = quote and session.kind == "document"
-    config = ChatConfig(SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature, seed=seed), show_blocks, keep,
+    config = ChatConfig(SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature, seed=seed,
+                                        candidates=candidates), show_blocks, keep,
                         CACHE_DIR / "chat-history")
     Chat(session, config, console, err).run(line_reader(config.history))

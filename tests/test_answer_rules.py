@@ -92,6 +92,20 @@ def test_stopping_needs_text_and_the_candidates_are_the_likeliest(tok):
     assert torch.isfinite(rule(logits, keeper)[eos])
 
 
+def test_stopping_needs_the_end_of_a_word_and_whitespace_cannot_pile_up(tok):
+    vocab, eos = len(tok), tok.eos_token_id
+    rule = QuoteConstraint(tok, normalize(DOCUMENT), (REFUSAL,), stop_ids={eos}, candidates=vocab)
+    ids = lambda text: tok(text, add_special_tokens=False).input_ids  # noqa: E731
+    logits = torch.zeros(vocab)
+    assert torch.isfinite(rule(logits, ids("a grey"))[eos])
+    assert torch.isfinite(rule(logits, ids("The document does not say."))[eos])
+    cut = ids("a gr")
+    assert tok.decode(cut) == "a gr" and rule(logits, cut)[eos] == float("-inf")  # the document has "grey"
+    newline = ids("\n")[0]
+    assert torch.isfinite(rule(logits, ids("a grey"))[newline])
+    assert rule(logits, ids("a grey") + [newline])[newline] == float("-inf")
+
+
 def test_line_breaks_and_a_first_capital_do_not_break_a_quote_but_other_capitals_do(tok):
     rule = QuoteConstraint(tok, normalize(DOCUMENT), (), stop_ids=set(), candidates=len(tok))
     ids = tok("His cat, a grey tom", add_special_tokens=False).input_ids  # the document breaks the line before "His"
@@ -151,3 +165,42 @@ def test_choose_margin_trades_answers_against_refusals():
     assert margin == 1.0  # answers the 3 (75% of answerable) and still refuses every unanswerable one
     assert scores[1.0] == (0.75, 1.0, pytest.approx(0.8125))
     assert scores[0.0][:2] == (0.0, 1.0) and scores[3.0][:2] == (0.75, 0.0)
+
+
+# ----- choosing among whole answers -----
+def greedy_from(prompt: list[int], first: int, stops: set[int], max_new: int) -> tuple[float, list[int]]:
+    """One candidate on a fresh engine: first, then greedy; log p of it and its stop."""
+    engine = tiny_engine()
+    logp = torch.log_softmax(engine.feed(prompt).float(), -1)
+    score, out = float(logp[first]), [first]
+    if first in stops:  # the empty answer
+        return score, out
+    logp = torch.log_softmax(engine.feed([first]).float(), -1)
+    while len(out) < max_new:
+        t = int(logp.argmax())
+        score += float(logp[t])
+        if t in stops:
+            break
+        out.append(t)
+        logp = torch.log_softmax(engine.feed([t]).float(), -1)
+    return score, out
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_best_answer_is_the_likeliest_of_the_candidates_and_leaves_one_answer_in_the_engine(seed):
+    from lmqa.qa.answer_search import best_answer
+
+    rng = random.Random(seed)
+    prompt, stops, n = [rng.randrange(2, 64) for _ in range(17)], {3, 4}, 4
+    firsts = torch.log_softmax(tiny_engine().feed(prompt).float(), -1).topk(n).indices.tolist()
+    expected = max((greedy_from(prompt, f, stops, 6) for f in firsts), key=lambda c: c[0])[1]
+    engine, streamed = tiny_engine(), []
+    out = best_answer(engine, prompt, SamplingConfig(max_new_tokens=6), stops, n, on_token=streamed.append)
+    assert out == streamed == [t for t in expected if t not in stops]
+    plain = tiny_engine()
+    plain.feed(prompt)
+    for t in out:
+        plain.feed([t])
+    assert engine.n_tokens == plain.n_tokens and len(engine.trace.steps) == len(plain.trace.steps)
+    single = best_answer(tiny_engine(), prompt, SamplingConfig(max_new_tokens=6), stops, 1)
+    assert single == generate(tiny_engine(), prompt, SamplingConfig(max_new_tokens=6), stops)

@@ -16,6 +16,7 @@ class SamplingConfig:
     temperature: float = 0.0  # 0 = greedy
     top_p: float = 1.0
     seed: int | None = None
+    candidates: int = 1  # greedy answers: whole candidates to choose among (lmqa/qa/answer_search.py)
 
 
 class LogitsProcessor(Protocol):

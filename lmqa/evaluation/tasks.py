@@ -222,7 +222,8 @@ class Settings:
     trials: int
     seed: int = 0
     tasks: tuple[str, ...] = TASKS
-    max_new_tokens: int = 32
+    max_new_tokens: int = 64
+    candidates: int = 1  # whole answers to choose among (SamplingConfig.candidates)
     max_full: int = 8192  # base model over the whole prompt up to this many tokens
     window: int = 8192  # the base model's own context: the truncated baseline keeps this much
     code_tokens: int = 16000
@@ -239,7 +240,7 @@ class Evaluator:
         self.facts = [n for n in needles if n.kind != "code"]
         self.functions = [n for n in needles if n.kind == "code"]
         self.progress = progress
-        self.sampling = SamplingConfig(max_new_tokens=settings.max_new_tokens)
+        self.sampling = SamplingConfig(max_new_tokens=settings.max_new_tokens, candidates=settings.candidates)
 
     def cells(self) -> Iterator[tuple[str, int, float, int]]:
         s = self.settings

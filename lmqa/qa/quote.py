@@ -38,9 +38,12 @@ class QuoteConstraint:
     """Among the `candidates` likeliest next tokens (64 times as many when
     none of them fits), keeps those whose answer
     text still occurs in the document (or starts one of `fixed`); every
-    other token gets -inf. Stop tokens are allowed once the answer has text,
-    so when no candidate fits, only stopping is left (with no stop tokens,
-    or before any text, the logits then pass unchanged).
+    other token gets -inf. A token that only adds whitespace where the
+    answer already ends in it is no text and is not allowed either. Stop
+    tokens are allowed where the answer ends a word of the document (not
+    "in a" of "in an empty box") or is a whole fixed answer; when nothing
+    else fits, stopping is always allowed (and with no stop tokens, or
+    before any text, the logits then pass unchanged).
 
     Matching is incremental: the offsets where the answer so far occurs are
     kept, so a step costs one comparison per (candidate, offset)."""
@@ -66,7 +69,7 @@ class QuoteConstraint:
             allowed = [t for t in logits.topk(min(n, logits.numel())).indices.tolist() if self._fits(t)]
             if allowed or n >= logits.numel():
                 break
-        if self._answer:
+        if self._answer and (not allowed or self._ends_a_word()):
             allowed += [t for t in self.stop_ids if t < logits.numel()]
         if not allowed:
             return logits
@@ -108,9 +111,20 @@ class QuoteConstraint:
             return False
         if cut:  # part of a character: the document must have one that is not ASCII next
             return self._continues(answer, lambda c: not c.isascii())
-        if not answer or answer == self._answer:
-            return True  # whitespace: decided by the next token
+        if not answer:
+            return True  # leading whitespace: decided by the next token
+        if answer == self._answer:
+            return False  # whitespace after whitespace, or a token with no text
         return any(f.startswith(answer) for f in self.fixed) or self._continues(answer)
+
+    def _ends_a_word(self) -> bool:
+        """Does the answer so far end where a word of the document (or a
+        fixed answer) ends?"""
+        answer = self._answer.rstrip()
+        if any(f.rstrip() == answer for f in self.fixed):
+            return True
+        end = len(answer)
+        return any(p + end >= len(self.text) or not self.text[p + end].isalnum() for p in self._offsets or ())
 
     def _continues(self, answer: str, next_char=None) -> bool:
         """Does answer occur in the document (with next_char(c) true of the

@@ -17,6 +17,7 @@ from typing import Literal
 
 from lmqa.engine.landmark_engine import LandmarkEngine, Mark, RetrievalStep
 from .abstention import AbstentionPrior
+from .answer_search import best_answer
 from .evidence import BlockMass, EvidenceRecorder
 from lmqa.engine.generation import LogitsProcessor, SamplingConfig, generate
 from lmqa.ingest import BlockSource, Document, build_source_map, kv_cache_bytes, tokenize_document
@@ -257,8 +258,12 @@ class DocumentSession:
         processors = self.answer_rules()
         start = time.perf_counter()
         try:
-            out = generate(self.engine, ids, sampling, self.stop_ids(), on_token=token, on_prefill=prefilled,
-                           processors=processors)
+            if sampling.candidates > 1 and sampling.temperature <= 0:
+                out = best_answer(self.engine, ids, sampling, self.stop_ids(), sampling.candidates, processors,
+                                  on_token=token, on_prefill=prefilled)
+            else:
+                out = generate(self.engine, ids, sampling, self.stop_ids(), on_token=token, on_prefill=prefilled,
+                               processors=processors)
         except BaseException:  # Ctrl-C in a chat stops the answer: the session stays as it was
             self.engine.rollback(self._mark)
             raise
