@@ -106,6 +106,18 @@ def test_stopping_needs_the_end_of_a_word_and_whitespace_cannot_pile_up(tok):
     assert rule(logits, ids("a grey") + [newline])[newline] == float("-inf")
 
 
+def test_a_quote_that_stops_inside_a_word_can_always_finish_it(tok):
+    vocab, eos = len(tok), tok.eos_token_id
+    rule = QuoteConstraint(tok, normalize(DOCUMENT), (), stop_ids={eos}, candidates=2)
+    cut = tok("a gr", add_special_tokens=False).input_ids
+    rest = tok("ey tom,", add_special_tokens=False).input_ids[0]
+    logits = torch.zeros(vocab)
+    logits[eos] = 10.0
+    logits[rest] = -30.0  # far outside the likeliest candidates
+    shaped = rule(logits, cut)
+    assert torch.isfinite(shaped[rest]) and shaped[eos] == float("-inf")
+
+
 def test_line_breaks_and_a_first_capital_do_not_break_a_quote_but_other_capitals_do(tok):
     rule = QuoteConstraint(tok, normalize(DOCUMENT), (), stop_ids=set(), candidates=len(tok))
     ids = tok("His cat, a grey tom", add_special_tokens=False).input_ids  # the document breaks the line before "His"
@@ -169,7 +181,8 @@ def test_choose_margin_trades_answers_against_refusals():
 
 # ----- choosing among whole answers -----
 def greedy_from(prompt: list[int], first: int, stops: set[int], max_new: int) -> tuple[float, list[int]]:
-    """One candidate on a fresh engine: first, then greedy; log p of it and its stop."""
+    """One candidate on a fresh engine: first, then greedy; mean log p per
+    token of it and its stop."""
     engine = tiny_engine()
     logp = torch.log_softmax(engine.feed(prompt).float(), -1)
     score, out = float(logp[first]), [first]
@@ -180,10 +193,10 @@ def greedy_from(prompt: list[int], first: int, stops: set[int], max_new: int) ->
         t = int(logp.argmax())
         score += float(logp[t])
         if t in stops:
-            break
+            return score / (len(out) + 1), out
         out.append(t)
         logp = torch.log_softmax(engine.feed([t]).float(), -1)
-    return score, out
+    return score / len(out), out
 
 
 @pytest.mark.parametrize("seed", range(3))

@@ -6,9 +6,10 @@ then costs the model a little at every later token, while the passage that
 holds the fact, once started, is copied at almost no cost. So the answer
 is chosen among whole candidates: each of the `n` likeliest allowed first
 tokens is completed greedily (under the same logits processors), scored by
-the model's own log-probability of the whole answer and its stop, and the
-likeliest candidate wins (the usual sequence-level choice of beam search,
-over first tokens only).
+the model's own log-probability of the whole answer and its stop per token
+(length-normalised as beam search usually is: a total would favour short
+fragments such as "It was." over the fact's whole sentence), and the
+likeliest candidate wins.
 
 The engine is rolled back after each candidate, and the winner is fed
 again at the end, so the trace, the evidence recorder and on_token see
@@ -53,7 +54,8 @@ def best_answer(engine: LandmarkEngine, prompt_ids: list[int], cfg: SamplingConf
 
 def _complete(engine: LandmarkEngine, first: int, score: float, max_new_tokens: int, stop_ids: set[int],
               processors: tuple[LogitsProcessor, ...]) -> tuple[float, list[int]]:
-    """(log p of the answer and its stop, its tokens) from first on, greedily."""
+    """(mean log p per token of the answer and its stop, its tokens) from
+    first on, greedily."""
     out = [first]
     if first in stop_ids:
         return score, out
@@ -66,7 +68,7 @@ def _complete(engine: LandmarkEngine, first: int, score: float, max_new_tokens: 
         token = int(shaped.argmax())
         score += float(torch.log_softmax(raw, -1)[token])
         if token in stop_ids:
-            break
+            return score / (len(out) + 1), out
         out.append(token)
         logits = engine.feed([token])
-    return score, out
+    return score / len(out), out

@@ -41,8 +41,9 @@ class QuoteConstraint:
     other token gets -inf. A token that only adds whitespace where the
     answer already ends in it is no text and is not allowed either. Stop
     tokens are allowed where the answer ends a word of the document (not
-    "in a" of "in an empty box") or is a whole fixed answer; when nothing
-    else fits, stopping is always allowed (and with no stop tokens, or
+    "in a" of "in an empty box") or is a whole fixed answer; inside a word,
+    the token that continues the document's text is always allowed; when
+    nothing else fits, stopping is always allowed (and with no stop tokens, or
     before any text, the logits then pass unchanged).
 
     Matching is incremental: the offsets where the answer so far occurs are
@@ -69,6 +70,8 @@ class QuoteConstraint:
             allowed = [t for t in logits.topk(min(n, logits.numel())).indices.tolist() if self._fits(t)]
             if allowed or n >= logits.numel():
                 break
+        if self._answer and not self._ends_a_word():
+            allowed += [t for t in self._word_rest() if t < logits.numel() and t not in allowed]
         if self._answer and (not allowed or self._ends_a_word()):
             allowed += [t for t in self.stop_ids if t < logits.numel()]
         if not allowed:
@@ -125,6 +128,18 @@ class QuoteConstraint:
             return True
         end = len(answer)
         return any(p + end >= len(self.text) or not self.text[p + end].isalnum() for p in self._offsets or ())
+
+    def _word_rest(self, at_most: int = 8) -> list[int]:
+        """First tokens of the document's text where the answer stops inside
+        a word ("in a" of "in an empty box"): the tokenizer may cut the
+        word where no likely token does, and the quote must be able to end it."""
+        firsts = []
+        for p in (self._offsets or [])[:at_most]:
+            rest = self.text[p + len(self._answer): p + len(self._answer) + 24]
+            ids = self.tokenizer(rest, add_special_tokens=False).input_ids if rest else []
+            if ids and ids[0] not in firsts and self._fits(ids[0]):
+                firsts.append(ids[0])
+        return firsts
 
     def _continues(self, answer: str, next_char=None) -> bool:
         """Does answer occur in the document (with next_char(c) true of the
