@@ -139,6 +139,10 @@ def test_manifest_fields(models_dir):
     assert (m.block_size, m.top_k, m.train_context, m.chunk_size, m.prompt_format) == (7, 3, 256, 64, "plain")
     assert m.trained and m.adapter == {"adapter_model.safetensors": sha(b"weights")}
     assert [x.name for x in manifest_mod.list_manifests()] == ["tiny"]
+    assert m.abstain_margin is None  # no [answer] section: no trained refusal to weigh
+    path = models_dir / "tiny" / "manifest.toml"
+    path.write_text(path.read_text() + "\n[answer]\nabstain_margin = 2.5\n")
+    assert manifest_mod.find_manifest("tiny").abstain_margin == 2.5
 
 
 @pytest.mark.parametrize("text", ["name = ", 'name = "x"\n', '[base]\nrequirement = "a"\n', 'name = "x"\n[base]\nbogus = 1\n'])
