@@ -11,9 +11,10 @@ and refuses only when the refusal is more likely by `margin` nats:
 
 (the refusal's own first token counts for what it leads to besides the
 refusal). The margin is a model setting (`[answer] abstain_margin` in its
-manifest), calibrated on training-distribution questions, never on
-evaluation needles; 0 keeps plain greedy behaviour for any refusal the
-model's greedy choice would make.
+manifest), calibrated by scripts/calibrate_refusal.py on questions asked of
+training books, never on evaluation needles; at 0 the model refuses
+whenever the refusal is the likelier answer, and models without the setting
+decode as they always did.
 
 Scoring the refusal needs its log-probability: a few look-ahead token steps
 on the engine, rolled back before the answer is generated.
