@@ -170,11 +170,23 @@ def best_rows(qg: torch.Tensor, lm_old: torch.Tensor, s_recent: torch.Tensor, ol
     """
     qg, lm_old = (t if t.stride(-1) == 1 else t.contiguous() for t in (qg, lm_old))
     old_limit = old_limit.to(torch.int32)  # a new (aligned) tensor: one kernel specialization whatever the batch
-    # the recent k landmarks' part, as _best_rows takes it
+    lse, recent_best = with_recent(old_lse(qg, lm_old, old_limit, scale, lse_tiles), s_recent, recent_missing, rows,
+                                   scale)
+    return old_best(qg, lm_old, old_limit, lse[..., 0], scale, best_tiles), recent_best
+
+
+def with_recent(lse_old: torch.Tensor, s_recent: torch.Tensor, recent_missing: torch.Tensor, rows: torch.Tensor,
+                scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The few recent landmarks' part, shared by the fused and the plain path
+    (_best_rows): s_recent [B, Hkv, G*W, k] raw scores (a float32 one is
+    scaled in place), log-added to the old blocks' lse_old [B, Hkv, G*W].
+    Returns the rows' lse [B, Hkv, G*W, 1] (+inf for rows that are not the
+    chunk's own: other chunks' rows and padding never win a max) and the
+    recent blocks' best [B, Hkv, k]."""
     s_recent = s_recent.float().div_(scale).masked_fill_(recent_missing[:, None, None], float("-inf"))
-    lse = torch.logaddexp(old_lse(qg, lm_old, old_limit, scale, lse_tiles), s_recent.logsumexp(-1))  # [B, Hkv, G*W]
-    lse = lse.masked_fill_(~rows, float("inf"))  # other chunks' rows and padding never win a max
-    return old_best(qg, lm_old, old_limit, lse, scale, best_tiles), s_recent.sub_(lse[..., None]).amax(2)
+    lse = torch.logaddexp(lse_old, s_recent.logsumexp(-1))  # [B, Hkv, G*W]
+    lse = lse.masked_fill_(~rows, float("inf"))[..., None]
+    return lse, s_recent.sub_(lse).amax(2)
 
 
 def old_lse(qg: torch.Tensor, lm_old: torch.Tensor, old_limit: torch.Tensor, scale: float,

@@ -402,10 +402,8 @@ def _best_rows(s_old: torch.Tensor, s_recent: torch.Tensor, too_recent: torch.Te
     landmark_scoring's kernels (no stored scores at all) take its place.
     """
     s_old = s_old.float().div_(scale).masked_fill_(too_recent[:, None, None], float("-inf"))
-    s_recent = s_recent.float().div_(scale).masked_fill_(recent_missing[:, None, None], float("-inf"))
-    lse = torch.logaddexp(s_old.logsumexp(-1), s_recent.logsumexp(-1))  # [B, Hkv, G*W]
-    lse = lse.masked_fill_(~rows, float("inf"))[..., None]  # other chunks' rows and padding never win a max
-    return s_old.sub_(lse).amax(2), s_recent.sub_(lse).amax(2)
+    lse, recent_best = landmark_scoring.with_recent(s_old.logsumexp(-1), s_recent, recent_missing, rows, scale)
+    return s_old.sub_(lse).amax(2), recent_best
 
 
 class _MaybeCompiled:
