@@ -499,7 +499,7 @@ def ask(
     session = _session(path, include, exclude, max_memory, model, quantize, device, kv_offload, top_k, block_size,
                        kv_dtype)
     _report_memory(session.engine)
-    session.quote = quote and session.kind == "document"
+    session.quote = session.quote and quote  # codebases are never held to quotes
 
     decoder = StreamDecoder(session.loaded.tokenizer)
 
@@ -832,7 +832,7 @@ def chat(
 
     session = _session(path, include, exclude, max_memory, model, quantize, device, kv_offload, top_k, block_size,
                        kv_dtype)
-    session.quote = quote and session.kind == "document"
+    session.quote = session.quote and quote  # codebases are never held to quotes
     config = ChatConfig(SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature, seed=seed,
                                         candidates=candidates), show_blocks, keep,
                         CACHE_DIR / "chat-history")

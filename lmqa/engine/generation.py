@@ -26,6 +26,21 @@ class LogitsProcessor(Protocol):
     def __call__(self, logits: torch.Tensor, generated: list[int]) -> torch.Tensor: ...
 
 
+def apply_processors(logits: torch.Tensor, processors: tuple[LogitsProcessor, ...], generated: list[int]) -> torch.Tensor:
+    """logits [vocab] as float32 on the CPU, reshaped by each processor in order."""
+    logits = logits.float().cpu()
+    for process in processors:
+        logits = process(logits, generated)
+    return logits
+
+
+def keep_only(logits: torch.Tensor, tokens: list[int]) -> torch.Tensor:
+    """logits with every token but `tokens` at -inf."""
+    out = torch.full_like(logits, float("-inf"))
+    out[tokens] = logits[tokens]
+    return out
+
+
 def sample(logits: torch.Tensor, cfg: SamplingConfig, generator: torch.Generator | None) -> int:
     if cfg.temperature <= 0:
         return int(logits.argmax())
@@ -47,10 +62,7 @@ def generate(engine: LandmarkEngine, prompt_ids: list[int], cfg: SamplingConfig,
     logits = engine.feed(prompt_ids, progress=on_prefill)
     out: list[int] = []
     for _ in range(cfg.max_new_tokens):
-        logits = logits.float().cpu()
-        for process in processors:
-            logits = process(logits, out)
-        tok = sample(logits, cfg, generator)
+        tok = sample(apply_processors(logits, processors, out), cfg, generator)
         if tok in stop_ids:
             break
         out.append(tok)

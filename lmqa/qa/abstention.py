@@ -26,6 +26,7 @@ import math
 
 import torch
 
+from lmqa.engine.generation import keep_only
 from lmqa.engine.landmark_engine import LandmarkEngine
 
 
@@ -51,9 +52,9 @@ class AbstentionPrior:
             return logits
         on_path = n < len(self.refusal) and generated == self.refusal[:n]
         if self.refuse and generated == self.refusal:
-            return self._only(logits, sorted(self.stop_ids))
+            return keep_only(logits, sorted(self.stop_ids))
         if self.refuse and on_path:
-            return self._only(logits, [self.refusal[n]])
+            return keep_only(logits, [self.refusal[n]])
         if not self.refuse and on_path:
             logits = logits.clone()
             logits[self.refusal[n]] = float("-inf")
@@ -70,7 +71,7 @@ class AbstentionPrior:
         best = max(float(others.max()), rest)
         self.scores = (refusal, best)
         if refusal - self.margin > best:
-            return True, self._only(logits, [first])
+            return True, keep_only(logits, [first])
         logits = logits.clone()
         logits[first] = logits[first] + (rest - float(logp[first]))
         return False, logits
@@ -92,12 +93,6 @@ class AbstentionPrior:
         finally:
             self.engine.rollback(mark)
         return total, onward
-
-    @staticmethod
-    def _only(logits: torch.Tensor, tokens: list[int]) -> torch.Tensor:
-        out = torch.full_like(logits, float("-inf"))
-        out[tokens] = logits[tokens]
-        return out
 
 
 def choose_margin(records: list[dict], answerable: float, grid: tuple[float, ...] = tuple(x / 2 for x in range(17))

@@ -22,7 +22,7 @@ from collections.abc import Callable
 
 import torch
 
-from lmqa.engine.generation import LogitsProcessor, SamplingConfig
+from lmqa.engine.generation import LogitsProcessor, SamplingConfig, apply_processors
 from lmqa.engine.landmark_engine import LandmarkEngine
 
 
@@ -31,16 +31,14 @@ def best_answer(engine: LandmarkEngine, prompt_ids: list[int], cfg: SamplingConf
                 on_prefill: Callable[[int], None] | None = None) -> list[int]:
     """generate()'s contract (greedy), choosing among n whole candidates."""
     raw = engine.feed(prompt_ids, progress=on_prefill).float().cpu()
-    logits = raw
-    for process in processors:
-        logits = process(logits, [])
+    logits = apply_processors(raw, processors, [])
     finite = int(torch.isfinite(logits).sum())
     firsts = logits.topk(max(1, min(n, finite, logits.numel()))).indices.tolist()
+    logp = torch.log_softmax(raw, -1)
     mark = engine.snapshot()
     best: tuple[float, list[int]] | None = None
     for first in firsts:
-        candidate = _complete(engine, first, float(torch.log_softmax(raw, -1)[first]), cfg.max_new_tokens, stop_ids,
-                              processors)
+        candidate = _complete(engine, first, float(logp[first]), cfg.max_new_tokens, stop_ids, processors)
         engine.rollback(mark)
         if best is None or candidate[0] > best[0]:
             best = candidate
@@ -62,10 +60,7 @@ def _complete(engine: LandmarkEngine, first: int, score: float, max_new_tokens: 
     logits = engine.feed([first])
     while len(out) < max_new_tokens:
         raw = logits.float().cpu()
-        shaped = raw
-        for process in processors:
-            shaped = process(shaped, out)
-        token = int(shaped.argmax())
+        token = int(apply_processors(raw, processors, out).argmax())
         score += float(torch.log_softmax(raw, -1)[token])
         if token in stop_ids:
             return score / (len(out) + 1), out

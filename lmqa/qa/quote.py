@@ -17,6 +17,8 @@ import re
 
 import torch
 
+from lmqa.engine.generation import keep_only
+
 _SPACE = re.compile(r"\s+")
 
 
@@ -64,20 +66,17 @@ class QuoteConstraint:
 
     def __call__(self, logits: torch.Tensor, generated: list[int]) -> torch.Tensor:
         self._advance(generated)
-        out = torch.full_like(logits, float("-inf"))
         allowed = []
         for n in (self.candidates, 64 * self.candidates):  # the likeliest first; wider only when none fits
             allowed = [t for t in logits.topk(min(n, logits.numel())).indices.tolist() if self._fits(t)]
             if allowed or n >= logits.numel():
                 break
-        if self._answer and not self._ends_a_word():
+        word_end = bool(self._answer) and self._ends_a_word()
+        if self._answer and not word_end:
             allowed += [t for t in self._word_rest() if t < logits.numel() and t not in allowed]
-        if self._answer and (not allowed or self._ends_a_word()):
+        if self._answer and (not allowed or word_end):
             allowed += [t for t in self.stop_ids if t < logits.numel()]
-        if not allowed:
-            return logits
-        out[allowed] = logits[allowed]
-        return out
+        return keep_only(logits, allowed) if allowed else logits
 
     # ----- matching -----
     def _text(self, ids: list[int]) -> tuple[str, int]:
@@ -149,12 +148,8 @@ class QuoteConstraint:
         if not self._answer:
             if next_char is None:
                 return _pattern(answer).search(self.text) is not None
-            starts = [m.start() for m in _pattern(answer).finditer(self.text)]
-        elif answer.startswith(self._answer):
-            starts = self._offsets
-        else:
+        elif not answer.startswith(self._answer):
             return False
         end = len(answer)
-        return any(self.text.startswith(answer[1:], p + 1) and (next_char is None or (p + end < len(self.text)
-                                                                                    and next_char(self.text[p + end])))
-                   for p in starts)
+        return any(next_char is None or (p + end < len(self.text) and next_char(self.text[p + end]))
+                   for p in self._occurrences(answer))
