@@ -121,7 +121,7 @@ def test_tiny_budgets_split_super_chunks_and_batches(gqa_model, batched_scoring)
     ids = random_ids(n, seed=9)
     serial, layer = engine(gqa_model, "serial", b, k, chunk), engine(gqa_model, "layer", b, k, chunk)
     layer.prefill_budget = dataclasses.replace(layer.prefill_budget, positions=15, score_elements=1,
-                                               attention_elements=1, mlp_rows=7, batched_scoring=batched_scoring)
+                                               attention_elements=1, row_tile=7, batched_scoring=batched_scoring)
     assert logit_diff(serial.feed(ids), layer.feed(ids)) <= TOL
     assert_same_state(serial, layer)
 

@@ -213,9 +213,31 @@ def grouped_attention_inference(q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
     return (out, outer_probs) if block_probs else out
 
 
+class ScoreBuffers:
+    """Score tensors that last_block_attention reuses from call to call.
+
+    Why: the CPU's layer-major prefill calls it once per query block (about
+    15,000 times per 10k tokens), each time with megabytes of scores. Fresh
+    temporaries of that size come from the allocator as new pages, and on a
+    CPU the page faults cost about as much as the arithmetic; one buffer per
+    dtype, grown to the largest call, keeps them in cache.
+    """
+
+    def __init__(self):
+        self.flat: dict[torch.dtype, torch.Tensor] = {}
+
+    def take(self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        """A tensor of `shape` (uninitialised) in this dtype's buffer."""
+        n = math.prod(shape)
+        buf = self.flat.get(dtype)
+        if buf is None or buf.numel() < n or buf.device != device:
+            buf = self.flat[dtype] = torch.empty(n, dtype=dtype, device=device)
+        return buf[:n].view(shape)
+
+
 @torch.no_grad()
 def last_block_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_offset: torch.Tensor,
-                         matmul_dtype: torch.dtype) -> torch.Tensor:
+                         matmul_dtype: torch.dtype, buffers: ScoreBuffers | None = None) -> torch.Tensor:
     """grouped_attention_inference for queries that all sit in the last key
     block (a prefill tile of one query block), with both matmuls in
     matmul_dtype: the CPU's layer-major fast path.
@@ -229,16 +251,23 @@ def last_block_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_of
         exp2 runs about 3x faster than exp here;
       * in bfloat16 the matmuls run about 3x faster than in float32 on a CPU
         with AVX512-BF16, and round the scores as transformers' eager
-        attention does for a bfloat16 model; the softmaxes stay float32.
+        attention does for a bfloat16 model; the softmaxes stay float32;
+      * the score tensors live in `buffers` (ScoreBuffers) when given.
     With matmul_dtype=float32 it equals grouped_attention_inference to float32
     rounding (tests/test_grouped_attention.py).
     """
     B, H, Q, d = q.shape
     Hkv, N, S = k.shape[1], k.shape[2], k.shape[3]
     b, group = S - 1, H // Hkv
-    qg = (q.reshape(B, Hkv, group * Q, d).float() * (LOG2_E / math.sqrt(d))).to(matmul_dtype)
-    scores = (qg @ k.reshape(B, Hkv, N * S, d).to(matmul_dtype).transpose(-1, -2)).float()
-    scores = scores.view(B, Hkv, group, Q, N, S)  # base-2 logits, float32
+    buffers = buffers or ScoreBuffers()
+    qg = (q.reshape(B * Hkv, group * Q, d).float() * (LOG2_E / math.sqrt(d))).to(matmul_dtype)
+    raw = buffers.take((B * Hkv, group * Q, N * S), matmul_dtype, q.device)  # matmul in, matmul out
+    torch.bmm(qg, k.reshape(B * Hkv, N * S, d).to(matmul_dtype).transpose(-1, -2), out=raw)
+    if matmul_dtype == torch.float32:
+        scores = raw.view(B, Hkv, group, Q, N, S)  # base-2 logits, float32
+    else:
+        scores = buffers.take((B, Hkv, group, Q, N, S), torch.float32, q.device)
+        scores.view(raw.shape).copy_(raw)
     landmark = scores[..., : N - 1, b].clone()  # outer logits of the earlier blocks  # [B, Hkv, G, Q, N-1]
     scores[..., b] = NEG  # landmark slots carry no value
     hidden = torch.arange(S, device=q.device) > q_offset[:, None]  # own block: causal  # [Q, S]
@@ -250,5 +279,7 @@ def last_block_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_of
     outer = torch.cat([landmark, own_lse[..., None]], dim=-1).mul_(LN_2)  # natural units
     probs = torch.softmax(outer, dim=-1)  # [B, Hkv, G, Q, N]
     scores.mul_(probs.div_(block_sum)[..., None])
-    out = scores.view(B, Hkv, group * Q, N * S).to(matmul_dtype) @ v.reshape(B, Hkv, N * S, d).to(matmul_dtype)
-    return out.reshape(B, H, Q, d).to(q.dtype)
+    if matmul_dtype != torch.float32:
+        raw.copy_(scores.view(raw.shape))  # weights, in the matmul's dtype  # [B*Hkv, G*Q, N*S]
+    out = torch.bmm(raw, v.reshape(B * Hkv, N * S, d).to(matmul_dtype))  # [B*Hkv, G*Q, d]
+    return out.view(B, H, Q, d).to(q.dtype)

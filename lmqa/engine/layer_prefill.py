@@ -36,7 +36,7 @@ import torch.nn.functional as F
 
 from . import landmark_scoring
 from .landmark_engine import LandmarkEngine, RetrievalStep, landmark_probs, rotate, top_blocks
-from .grouped_attention import grouped_attention_inference, last_block_attention
+from .grouped_attention import ScoreBuffers, grouped_attention_inference, last_block_attention
 from .landmarks import insert_landmarks
 
 
@@ -50,8 +50,10 @@ class PrefillBudget:
     per grouped-softmax call (1 skips the hidden upper triangle and keeps a
     CPU's score tensors in cache; on an H200, 4 read 131k tokens at 110k
     tok/s against 88k for whole windows, which compute the hidden triangle
-    too); mlp_rows:
-    tokens per MLP call (its hidden layer is the widest activation);
+    too); row_tile: tokens per norm, projection and MLP call (the MLP's
+    hidden layer is the widest activation; on a CPU, 2,048 rows keep a tile's
+    elementwise passes in cache, where whole 32k-token activations made the
+    RMSNorms and the SiLU a third of a 12k-token profile);
     batched_scoring: score many chunks per call (_select_batched, a GPU
     wants few large calls) rather than one chunk's own query rows at a time
     (_select_per_chunk, a CPU's fewest passes over the scores);
@@ -62,7 +64,7 @@ class PrefillBudget:
     score_elements: int
     attention_elements: int
     query_tile: int
-    mlp_rows: int
+    row_tile: int
     batched_scoring: bool = False
     compile: bool = False
 
@@ -73,15 +75,15 @@ class PrefillBudget:
         if device.type == "cuda":
             if small:  # 64k positions: ~1-2 GiB of activations and score tensors whatever the length
                 return cls(positions=1 << 16, score_elements=1 << 26, attention_elements=1 << 26, query_tile=4,
-                           mlp_rows=1 << 14, batched_scoring=True, compile=True)
+                           row_tile=1 << 14, batched_scoring=True, compile=True)
             # A quarter of the free memory for activations at ~10 KiB a position
             # (SmolLM2-135M in bf16): about 2M positions on an 80 GiB card.
             free, _ = torch.cuda.mem_get_info(device)
             return cls(positions=max(1 << 16, free // 4 // 10240), score_elements=1 << 28,
-                       attention_elements=1 << 28, query_tile=4, mlp_rows=1 << 17, batched_scoring=True,
+                       attention_elements=1 << 28, query_tile=4, row_tile=1 << 17, batched_scoring=True,
                        compile=True)
         return cls(positions=1 << 16, score_elements=1 << 20, attention_elements=1 << 22, query_tile=1,
-                   mlp_rows=1 << 14)
+                   row_tile=1 << 11)
 
 
 class Chunk(NamedTuple):
@@ -254,9 +256,12 @@ def _layer(engine: LandmarkEngine, li: int, layer, h: torch.Tensor, layout: _Lay
     it closes and advances the open block. Returns the new hidden states."""
     attn, budget = layer.self_attn, engine.prefill_budget
     N, H, Hkv, d, S = h.shape[0], engine.n_heads, engine.n_kv, engine.head_dim, layout.S
-    x = layer.input_layernorm(h)
-    q = attn.q_proj(x).view(N, H, d).to(engine.dtype)
-    kv_new = [proj(x).view(N, Hkv, d).to(engine.dtype) for proj in (attn.k_proj, attn.v_proj)]
+    q = h.new_empty(N, H, d, dtype=engine.dtype)
+    kv_new = [h.new_empty(N, Hkv, d, dtype=engine.dtype) for _ in range(2)]
+    for lo in range(0, N, budget.row_tile):
+        x = layer.input_layernorm(h[lo : lo + budget.row_tile])
+        for proj, dest in zip((attn.q_proj, attn.k_proj, attn.v_proj), (q, *kv_new)):
+            dest[lo : lo + budget.row_tile] = proj(x).view(-1, *dest.shape[1:])
     del x
     # cache = inherited open block + new tokens, cut into whole blocks  # [n_cache_blocks, Hkv, S, d]
     pad = layout.n_cache_blocks * S - layout.P
@@ -282,9 +287,9 @@ def _layer(engine: LandmarkEngine, li: int, layer, h: torch.Tensor, layout: _Lay
     del q_win, cache_k, cache_v
     # each token's output row, heads concatenated  # [N, H * d]
     out = out_win.transpose(1, 2).reshape(-1, H * d)[layout.token_rows].to(h.dtype)
-    h = h + attn.o_proj(out)
-    for lo in range(0, N, budget.mlp_rows):
-        part = h[lo : lo + budget.mlp_rows]
+    for lo in range(0, N, budget.row_tile):
+        part = h[lo : lo + budget.row_tile]
+        part += attn.o_proj(out[lo : lo + budget.row_tile])
         part += layer.mlp(layer.post_attention_layernorm(part))
     return h
 
@@ -293,9 +298,14 @@ def _stored_landmarks(store, rope: _Rope) -> tuple[torch.Tensor, torch.Tensor, t
     """What both selections score against: the layer's landmark keys
     [Hkv, n, d], the same rotated into slot 0 (where every landmark older than
     a chunk's k most recent sits), and which equal the first [Hkv, n] (layer 0,
-    where all are the landmark embedding's, see _select_batched)."""
+    where all are the landmark embedding's, see _select_batched). "Equal" is
+    to 1% of the first key's largest component, not bitwise: _layer projects
+    in row tiles, and a matmul may round one input row differently in tiles
+    of different heights."""
     lm = store.landmark_keys.view().transpose(0, 1)  # [Hkv, n, d]
-    return lm, rotate(lm, *rope.old_landmarks), (lm == lm[:, :1]).all(-1)
+    first = lm[:, :1]
+    like_first = (lm - first).abs().amax(-1) <= 0.01 * first.abs().amax(-1)  # [Hkv, n]
+    return lm, rotate(lm, *rope.old_landmarks), like_first
 
 
 def _select_per_chunk(engine: LandmarkEngine, store, q_win: torch.Tensor, layout: _Layout, rope: _Rope,
@@ -490,6 +500,7 @@ def _attend_per_block(engine: LandmarkEngine, blocks_k: torch.Tensor, blocks_v: 
     call, so a chunk's result never depends on which chunks share its
     super-chunk (a streamed ingest is byte-identical to one feed)."""
     k, S = layout.k, layout.S
+    buffers = ScoreBuffers()
     for c, r in enumerate(layout.r):
         n_win = -(-layout.win_len[c] // S)
         keys = torch.cat([blocks_k[c, :, k - r :], win_k[c, :, :n_win]], dim=1)[None]  # [1, Hkv, r + n_win, S, d]
@@ -499,7 +510,7 @@ def _attend_per_block(engine: LandmarkEngine, blocks_k: torch.Tensor, blocks_v: 
             w1 = min((w0 // S + 1) * S, layout.win_len[c])
             n = r + w0 // S + 1  # key blocks up to the queries' own
             out[c : c + 1, :, w0:w1] = last_block_attention(q_win[c : c + 1, :, w0:w1], keys[:, :, :n], values[:, :, :n],
-                                                            layout.row_offset[w0:w1], engine.dtype)
+                                                            layout.row_offset[w0:w1], engine.dtype, buffers)
             w0 = w1
 
 
