@@ -32,6 +32,7 @@ from lmqa.engine.landmark_engine import LandmarkEngine
 from lmqa.evaluation.tasks import build_haystack, is_correct, load_needles, one_file, read_books
 from lmqa.model.loading import load_model
 from lmqa.qa.abstention import choose_margin
+from lmqa.qa.evidence import passages
 from lmqa.qa.session import DocumentSession
 from lmqa.train.qa_data import fact_family, insert_at_sentences
 
@@ -48,11 +49,12 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--candidates", type=int, default=4, help="whole answers to choose among, as `lmqa ask --candidates`")
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--top-k", type=int, default=None, help="blocks retrieved per head and step, as `lmqa ask -k`")
     ap.add_argument("--needles", type=Path, default=None,
                     help="hand-written validation facts (prompts/validation_needles.jsonl) instead of training-shaped ones")
     ap.add_argument("-o", "--out", type=Path, required=True)
     args = ap.parse_args()
-    loaded = load_model(args.model, device=args.device)
+    loaded = load_model(args.model, device=args.device, top_k=args.top_k)
     engine = LandmarkEngine(loaded.model, loaded.landmark, offload="auto")
     books = read_books(args.books)
     lengths = [int(x) for x in args.lengths.split(",")]
@@ -82,14 +84,22 @@ def main() -> None:
             finally:
                 loaded.abstain_margin = loaded_margin
             refusal, best = answer.refusal_scores
+            at = text.find(sentences[0])
+            fact_blocks = {b for b, src in session.sources.items() if src.char_start < at + len(sentences[0]) and src.char_end > at}
+            held = any(fact_blocks & set(p.blocks) for p in passages(session, answer.evidence))
             record = dict(case=i, length=length, answerable=answerable, question=question, written=sentences[0],
                           answer=answer.text, correct=answerable and is_correct(answer.text, accepted),
-                          refusal=refusal, best=best)
+                          evidence_hit=held, refusal=refusal, best=best)
             records.append(record)
             out.write(json.dumps(record) + "\n")
             out.flush()
             print(f"{i} {length} {'answerable' if answerable else 'unanswerable'} refusal {refusal:.2f} best {best:.2f} "
                   f"{'ok' if record['correct'] else '--'} {answer.text[:70]!r}", file=sys.stderr)
+    for length in lengths:
+        asked = [r for r in records if r["length"] == length and r["answerable"]]
+        if asked:
+            print(f"{length}: answerable right (refusal ruled out) {sum(r['correct'] for r in asked)}/{len(asked)}, "
+                  f"evidence holds the fact {sum(r['evidence_hit'] for r in asked)}/{len(asked)}")
     margin, scores = choose_margin(records, args.answerable)
     for m, (ans, unans, total) in sorted(scores.items()):
         print(f"margin {m:5.1f}: answerable right {ans:.0%}, unanswerable refused {unans:.0%}, "

@@ -256,12 +256,16 @@ def _layer(engine: LandmarkEngine, li: int, layer, h: torch.Tensor, layout: _Lay
     it closes and advances the open block. Returns the new hidden states."""
     attn, budget = layer.self_attn, engine.prefill_budget
     N, H, Hkv, d, S = h.shape[0], engine.n_heads, engine.n_kv, engine.head_dim, layout.S
+    # Projections in row tiles, except at layer 0: a matmul may round a row
+    # differently in tiles of other heights, and layer 0's landmark keys must
+    # stay bitwise equal (see _stored_landmarks).
+    tile = budget.row_tile if li else N
     q = h.new_empty(N, H, d, dtype=engine.dtype)
     kv_new = [h.new_empty(N, Hkv, d, dtype=engine.dtype) for _ in range(2)]
-    for lo in range(0, N, budget.row_tile):
-        x = layer.input_layernorm(h[lo : lo + budget.row_tile])
+    for lo in range(0, N, tile):
+        x = layer.input_layernorm(h[lo : lo + tile])
         for proj, dest in zip((attn.q_proj, attn.k_proj, attn.v_proj), (q, *kv_new)):
-            dest[lo : lo + budget.row_tile] = proj(x).view(-1, *dest.shape[1:])
+            dest[lo : lo + tile] = proj(x).view(-1, *dest.shape[1:])
     del x
     # cache = inherited open block + new tokens, cut into whole blocks  # [n_cache_blocks, Hkv, S, d]
     pad = layout.n_cache_blocks * S - layout.P
@@ -298,14 +302,9 @@ def _stored_landmarks(store, rope: _Rope) -> tuple[torch.Tensor, torch.Tensor, t
     """What both selections score against: the layer's landmark keys
     [Hkv, n, d], the same rotated into slot 0 (where every landmark older than
     a chunk's k most recent sits), and which equal the first [Hkv, n] (layer 0,
-    where all are the landmark embedding's, see _select_batched). "Equal" is
-    to 1% of the first key's largest component, not bitwise: _layer projects
-    in row tiles, and a matmul may round one input row differently in tiles
-    of different heights."""
+    where all are the landmark embedding's, see _select_batched)."""
     lm = store.landmark_keys.view().transpose(0, 1)  # [Hkv, n, d]
-    first = lm[:, :1]
-    like_first = (lm - first).abs().amax(-1) <= 0.01 * first.abs().amax(-1)  # [Hkv, n]
-    return lm, rotate(lm, *rope.old_landmarks), like_first
+    return lm, rotate(lm, *rope.old_landmarks), (lm == lm[:, :1]).all(-1)
 
 
 def _select_per_chunk(engine: LandmarkEngine, store, q_win: torch.Tensor, layout: _Layout, rope: _Rope,
