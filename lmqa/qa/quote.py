@@ -20,6 +20,7 @@ import torch
 from lmqa.engine.generation import keep_only
 
 _SPACE = re.compile(r"\s+")
+_SPACE_RUN = re.compile(r"\s\s")
 
 
 def normalize(text: str) -> str:
@@ -40,8 +41,9 @@ class QuoteConstraint:
     """Among the `candidates` likeliest next tokens (64 times as many when
     none of them fits), keeps those whose answer
     text still occurs in the document (or starts one of `fixed`); every
-    other token gets -inf. A token that only adds whitespace where the
-    answer already ends in it is no text and is not allowed either. Stop
+    other token gets -inf. A token that adds whitespace where the answer
+    already ends in it is not allowed either (it would match, as the
+    document's whitespace is normalised, and show as "the  violinist"). Stop
     tokens are allowed where the answer ends a word of the document (not
     "in a" of "in an empty box") or is a whole fixed answer; inside a word,
     the token that continues the document's text is always allowed; when
@@ -61,6 +63,7 @@ class QuoteConstraint:
         self.special = set(tokenizer.all_special_ids) | {i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
         self.candidates = candidates
         self._answer = ""  # normalized answer text of the tokens seen so far
+        self._raw = ""  # and as decoded
         self._seen: list[int] = []
         self._offsets: list[int] | None = None  # where _answer occurs in the document (None: not yet searched)
 
@@ -79,11 +82,16 @@ class QuoteConstraint:
         return keep_only(logits, allowed) if allowed else logits
 
     # ----- matching -----
-    def _text(self, ids: list[int]) -> tuple[str, int]:
-        """The normalized answer text of ids, without leading space, and the
-        count of replacement characters it ends in: bytes of a character
-        that a token boundary cut (at most 3 of a 4-byte UTF-8 character)."""
-        text = normalize(self.tokenizer.decode(ids, skip_special_tokens=True)).lstrip()
+    def _decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    @staticmethod
+    def _text(raw: str) -> tuple[str, int]:
+        """The normalized answer text of a decoded answer, without leading
+        space, and the count of replacement characters it ends in: bytes of a
+        character that a token boundary cut (at most 3 of a 4-byte UTF-8
+        character)."""
+        text = normalize(raw).lstrip()
         whole = text.rstrip("\ufffd")
         return whole, len(text) - len(whole)
 
@@ -91,9 +99,10 @@ class QuoteConstraint:
         if generated == self._seen:
             return
         if generated[: len(self._seen)] != self._seen:  # a new answer: start over
-            self._seen, self._answer, self._offsets = [], "", None
+            self._seen, self._answer, self._raw, self._offsets = [], "", "", None
         self._seen = list(generated)
-        answer, _ = self._text(generated)
+        self._raw = self._decode(generated)
+        answer, _ = self._text(self._raw)
         if answer != self._answer:
             self._offsets = self._occurrences(answer)
             self._answer = answer
@@ -108,7 +117,11 @@ class QuoteConstraint:
     def _fits(self, token: int) -> bool:
         if token in self.stop_ids or token in self.special:
             return False  # stopping is decided in __call__; other special tokens are no text
-        answer, cut = self._text(self._seen + [token])
+        raw = self._decode(self._seen + [token])
+        added = raw[len(self._raw):] if raw.startswith(self._raw) else raw
+        if _SPACE_RUN.search(self._raw[-1:] + added):
+            return False  # whitespace after whitespace
+        answer, cut = self._text(raw)
         if cut > 3:
             return False
         if cut:  # part of a character: the document must have one that is not ASCII next
@@ -116,7 +129,7 @@ class QuoteConstraint:
         if not answer:
             return True  # leading whitespace: decided by the next token
         if answer == self._answer:
-            return False  # whitespace after whitespace, or a token with no text
+            return False  # a token with no text
         return any(f.startswith(answer) for f in self.fixed) or self._continues(answer)
 
     def _ends_a_word(self) -> bool:
