@@ -602,8 +602,11 @@ def bench(
     kv_offload: OffloadOpt = "auto", top_k: TopKOpt = None,
     prefill: Annotated[str, typer.Option("--prefill", help="Engine prefill paths to measure: layer (layer-major), serial (chunk-serial, the reference), or both (layer,serial: their ratio in one run).")] = "layer",
     max_gpu_memory: MaxGpuOpt = "auto",
+    as_json: Annotated[bool, typer.Option("--json", help="Print the rows and ratios as one JSON object (no table cut to the terminal's width) and nothing else on stdout.")] = False,
 ):
     """Engine vs transformers' full attention: prefill tokens/s, decode ms/token and memory, in one run."""
+    from dataclasses import asdict
+
     import torch
 
     from lmqa.evaluation.bench import bench_engine, bench_full, prompt_ids
@@ -635,6 +638,26 @@ def bench(
         if n <= max_full:
             with err.status(f"full attention at {n:,} tokens"):
                 rows.append(bench_full(loaded.model, ids, new_tokens))
+    # decode at the longest length over the shortest, per engine path; layer-major over serial, per length
+    growth = {}
+    for method in dict.fromkeys(r.method for r in rows if r.method != "full"):
+        engine_rows = [r for r in rows if r.method == method]
+        growth[method] = (engine_rows[0], engine_rows[-1])
+    pairs = {n: {r.method: r for r in rows if r.tokens == n} for n in sizes} if len(paths) == 2 else {}
+    limit = engine.auto_offload.limit if engine.auto_offload is not None else None
+    if as_json:
+        print(json.dumps({
+            "model": loaded.name, "top_k": loaded.landmark.top_k, "block_size": loaded.landmark.block_size,
+            "threads": torch.get_num_threads(), "device": str(engine.device),
+            "gpu": torch.cuda.get_device_name(engine.device) if engine.device.type == "cuda" else None,
+            "auto_offload_limit_bytes": limit, "rows": [asdict(r) for r in rows],
+            "decode_growth": [{"method": m, "from": a.tokens, "to": b.tokens, "ratio": b.decode_ms / a.decode_ms}
+                              for m, (a, b) in growth.items()],
+            "layer_vs_serial": [{"tokens": n, "prefill": by["landmark"].prefill_tok_s / by["landmark-serial"].prefill_tok_s,
+                                 "decode": by["landmark"].decode_ms / by["landmark-serial"].decode_ms}
+                                for n, by in pairs.items()],
+        }))
+        return
     table = Table(title=f"lmqa bench: {loaded.name}, k={loaded.landmark.top_k}, b={loaded.landmark.block_size}, "
                         f"{torch.get_num_threads()} threads, device {engine.device}")
     cuda = engine.device.type == "cuda"
@@ -646,20 +669,15 @@ def bench(
                       *([f"{r.gpu_peak_mib:,.0f}"] if cuda else []), f"{r.cache_mib:,.1f}",
                       f"{r.cache_device_mib:,.1f} / {r.cache_host_mib:,.1f}" if r.blocks_on else "-")
     console.print(table)
-    if engine.auto_offload is not None and engine.auto_offload.limit:
-        console.print(f"--kv-offload auto: blocks on the device up to {format_size(engine.auto_offload.limit)}, "
-                      f"else in host memory")
-    for method in dict.fromkeys(r.method for r in rows if r.method != "full"):
-        engine_rows = [r for r in rows if r.method == method]
-        first, last = engine_rows[0], engine_rows[-1]
+    if limit:
+        console.print(f"--kv-offload auto: blocks on the device up to {format_size(limit)}, else in host memory")
+    for method, (first, last) in growth.items():
         label = "engine" if method == "landmark" else f"engine ({method})"
         console.print(f"{label} decode at {last.tokens:,} tokens is {last.decode_ms / first.decode_ms:.2f}x "
                       f"that at {first.tokens:,}")
-    if len(paths) == 2:
-        for n in sizes:
-            by = {r.method: r for r in rows if r.tokens == n}
-            console.print(f"layer-major prefill at {n:,} tokens: {by['landmark'].prefill_tok_s / by['landmark-serial'].prefill_tok_s:.2f}x "
-                          f"the chunk-serial one; decode {by['landmark'].decode_ms / by['landmark-serial'].decode_ms:.2f}x")
+    for n, by in pairs.items():
+        console.print(f"layer-major prefill at {n:,} tokens: {by['landmark'].prefill_tok_s / by['landmark-serial'].prefill_tok_s:.2f}x "
+                      f"the chunk-serial one; decode {by['landmark'].decode_ms / by['landmark-serial'].decode_ms:.2f}x")
 
 
 # ----- train -----

@@ -9,6 +9,7 @@ edge of the chunk schedule.
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import pytest
 import torch
@@ -248,6 +249,17 @@ def test_cli_prefill_and_verbose_offload(tiny_model_dir):
                  "--prefill", "both")
     assert res.exit_code == 0, res.output
     assert "landmark-serial" in res.output and "layer-major prefill at 300 tokens:" in res.output
+    res = invoke("bench", "-m", tiny_model_dir, "--lengths", "200,300", "--max-full", 200, "--new-tokens", 2,
+                 "--device", "cpu", "--prefill", "both", "--json")
+    assert res.exit_code == 0, res.output
+    data = json.loads(res.stdout)  # nothing but the JSON on stdout
+    assert [(r["method"], r["tokens"]) for r in data["rows"]] == [
+        ("landmark", 200), ("landmark-serial", 200), ("full", 200), ("landmark", 300), ("landmark-serial", 300)]
+    by = {(r["method"], r["tokens"]): r for r in data["rows"]}
+    (ratio,) = [x for x in data["layer_vs_serial"] if x["tokens"] == 300]
+    assert ratio["prefill"] == by["landmark", 300]["prefill_tok_s"] / by["landmark-serial", 300]["prefill_tok_s"]
+    assert {g["method"]: (g["from"], g["to"]) for g in data["decode_growth"]} == {
+        "landmark": (200, 300), "landmark-serial": (200, 300)}
     for bad in (["passkey", "--prefill", "diagonal"], ["bench", "--prefill", "layer,rows"], ["passkey", "--kv-offload", "gpu"]):
         res = invoke(*bad, "-m", tiny_model_dir, "--device", "cpu")
         assert res.exit_code == 1 and "error:" in res.output and "Traceback" not in res.output, res.output
