@@ -32,7 +32,7 @@ from lmqa.engine.landmark_engine import LandmarkEngine
 from lmqa.evaluation.tasks import build_haystack, is_correct, load_needles, one_file, read_books
 from lmqa.model.loading import load_model
 from lmqa.qa.abstention import choose_margin
-from lmqa.qa.evidence import passages
+from lmqa.qa.evidence import holds, passages
 from lmqa.qa.session import DocumentSession
 from lmqa.train.qa_data import fact_family, insert_at_sentences
 
@@ -85,8 +85,7 @@ def main() -> None:
                 loaded.abstain_margin = loaded_margin
             refusal, best = answer.refusal_scores
             at = text.find(sentences[0])
-            fact_blocks = {b for b, src in session.sources.items() if src.char_start < at + len(sentences[0]) and src.char_end > at}
-            held = any(fact_blocks & set(p.blocks) for p in passages(session, answer.evidence))
+            held = holds(session, passages(session, answer.evidence), at, at + len(sentences[0]))
             record = dict(case=i, length=length, answerable=answerable, question=question, written=sentences[0],
                           answer=answer.text, correct=answerable and is_correct(answer.text, accepted),
                           evidence_hit=held, refusal=refusal, best=best)

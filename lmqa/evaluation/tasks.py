@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from lmqa.engine.landmark_engine import LandmarkEngine
-from lmqa.qa.evidence import passages
+from lmqa.qa.evidence import holds, passages
 from lmqa.engine.generation import SamplingConfig, generate, generate_full_attention
 from lmqa.ingest import Document, IngestError, ingest
 from lmqa.ingest.document import DocumentBuilder
@@ -304,11 +304,10 @@ class Evaluator:
         answer = session.ask(question, self.sampling)
         seconds = time.perf_counter() - start
         found = passages(session, answer.evidence)
-        fact_blocks = {b for b, s in session.sources.items() if s.char_start < span[1] and s.char_end > span[0]}
         tokens = session.prepare() + answer.timings.question_tokens
         results = [Trial(task, "landmark", length, depth, trial, tokens, placed, question, expected, answer.text,
                          is_correct(answer.text, accepted), seconds,
-                         any(fact_blocks & set(p.blocks) for p in found), [p.location for p in found],
+                         holds(session, found, *span), [p.location for p in found],
                          answer.refusal_scores)]
         if self.baseline is not None:
             results += self._baselines(document, kind, question, expected, accepted, where)

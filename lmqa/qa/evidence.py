@@ -133,6 +133,13 @@ def passages(session: DocumentSession, evidence: BlockMass | None, limit: int = 
     return sorted(found, key=lambda p: (-p.mass, p.blocks[0]))
 
 
+def holds(session: DocumentSession, found: list[Passage], start: int, end: int) -> bool:
+    """Does one of the passages `found` hold a block with any of the
+    document's characters [start, end) (a planted fact, in evaluation)?"""
+    blocks = {b for b, s in session.sources.items() if s.char_start < end and s.char_end > start}
+    return any(blocks & set(p.blocks) for p in found)
+
+
 def _same_part(session: DocumentSession, left: int, right: int) -> bool:
     """Both blocks lie wholly in one and the same file, chapter or page, so
     the merged passage has one file:line range."""
