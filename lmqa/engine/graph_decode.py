@@ -13,8 +13,8 @@ at once. A graph needs fixed shapes and fixed addresses, so this step:
 It serves the common step only: one ordinary token that does not close its
 block, blocks on the device (`--kv-offload device`, or auto while they fit)
 in the compute dtype, no mapped prefix, at least k blocks stored. It also
-hands answer evidence (each retrieved block's attention share) to the
-engine's recorder, as the eager step does. Everything else (a token and the landmark closing
+hands answer evidence (each retrieved and open block slot's attention share)
+to the engine's recorder, as the eager step does. Everything else (a token and the landmark closing
 its block, prefill, host-resident blocks) takes the engine's eager step. The
 graph is captured again when a store's buffers move (they grow by doubling).
 
@@ -51,8 +51,8 @@ class GraphDecoder:
         self.q_block = torch.full((1,), k, dtype=torch.long, device=dev)  # the window follows the k retrieved blocks
         self.ids = torch.zeros(L, e.n_kv, k, dtype=torch.long, device=dev)
         self.scores = torch.zeros(L, e.n_kv, k, device=dev)
-        # each retrieved block's share of the query's attention, for answer evidence  # [L, Hkv, G, k]
-        self.block_probs = torch.zeros(L, e.n_kv, e.n_heads // e.n_kv, k, device=dev)
+        # each retrieved and the open block's slots' share of the query's attention, for answer evidence
+        self.slot_probs = torch.zeros(L, e.n_kv, e.n_heads // e.n_kv, k + 1, S, device=dev)  # [L, Hkv, G, k+1, S]
         self.logits = torch.zeros(e.model.lm_head.out_features, device=dev)
         self.is_landmark = torch.arange(self.logits.shape[0], device=dev) == cfg.landmark_id
         h = e.llama.embed_tokens.weight[:1]
@@ -108,8 +108,9 @@ class GraphDecoder:
         e.open.values = [self.open_v[li, :, :, : p + 1] for li in range(len(e.stores))]
         self.views = e.open.keys[0]
         if e.evidence is not None:
+            opened = torch.full((e.n_kv, 1), e.n_blocks, dtype=torch.long, device=e.device)
             for li in range(len(e.stores)):
-                e.evidence.add(self.ids[li], self.block_probs[li])
+                e.evidence.add(torch.cat([self.ids[li], opened], dim=1), self.slot_probs[li])
         e.trace.steps.append(RetrievalStep("token", e.n_tokens, self.ids.to("cpu", copy=True),
                                            self.scores.to("cpu", copy=True)))
         e.n_tokens += 1
@@ -164,8 +165,8 @@ class GraphDecoder:
             win_k = rotate(self.open_k[li][0], *self.window)  # [Hkv, S, d]
             keys = torch.cat([blocks_k, win_k[:, None]], dim=1)[None]  # [1, Hkv, k + 1, S, d]
             values = torch.cat([blocks_v, self.open_v[li][0][:, None]], dim=1)[None]
-            out, probs = grouped_attention_inference(q, keys, values, self.q_block, self.p, block_probs=True)
-            self.block_probs[li].copy_(probs[0, :, :, :k])  # [Hkv, G, k]
+            out, probs = grouped_attention_inference(q, keys, values, self.q_block, self.p, slot_probs=True)
+            self.slot_probs[li].copy_(probs[0])  # [Hkv, G, k+1, S]
             out = out.transpose(1, 2).reshape(1, 1, H * d).to(h.dtype)
             h = h + attn.o_proj(out)
             h = h + layer.mlp(layer.post_attention_layernorm(h))

@@ -163,13 +163,14 @@ def reference_grouped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
 @torch.no_grad()
 def grouped_attention_inference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_block: torch.Tensor,
                                 q_offset: torch.Tensor, key_valid: torch.Tensor | None = None,
-                                block_probs: bool = False, matmul_dtype: torch.dtype = torch.float32):
+                                slot_probs: bool = False, matmul_dtype: torch.dtype = torch.float32):
     """grouped_attention without autograd, for the engine: same arguments, same result.
 
-    block_probs=True also returns every block's outer probability per query
-    row, [B, Hkv, group * Q, N] (rows ordered like the query heads of each
-    key/value head, then queries): the share of a query's attention that goes
-    to each block's tokens, which is what answer evidence is ranked by.
+    slot_probs=True also returns each key slot's attention probability per
+    query row, [B, Hkv, group * Q, N, S] (rows ordered like the query heads of
+    each key/value head, then queries; landmark slots 0): a block's outer
+    probability times its token's inner one. Summed over a block's slots it is
+    the block's outer probability. Answer evidence is ranked by it.
 
     matmul_dtype: what both matmuls run in (the softmaxes are float32
     either way). The GPU's layer-major prefill passes the model's bfloat16,
@@ -206,11 +207,11 @@ def grouped_attention_inference(q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
     inner_lse = block_max[..., 0] + torch.log(block_sum)
     outer = torch.where(earlier, landmark, torch.where(same, inner_lse, torch.full_like(inner_lse, NEG)))
     probs = torch.softmax(outer, dim=-1)
-    outer_probs = probs.view(B, Hkv, group * Q, N).clone() if block_probs else None
     scores.mul_(probs.div_(block_sum)[..., None])
+    weights = scores.view(B, Hkv, group * Q, N, S).clone() if slot_probs else None
     out = scores.view(B, Hkv, group * Q, N * S).to(matmul_dtype) @ v.reshape(B, Hkv, N * S, d).to(matmul_dtype)
     out = out.reshape(B, H, Q, d).to(q.dtype)
-    return (out, outer_probs) if block_probs else out
+    return (out, weights) if slot_probs else out
 
 
 class ScoreBuffers:

@@ -117,8 +117,9 @@ class _OpenBlock:
 class LandmarkEngine:
     """Holds one context (block stores + open block) for a LlamaForCausalLM."""
 
-    # Set (by DocumentSession.ask) while answer tokens are generated: token
-    # steps then add their retrieved blocks' attention mass (see evidence.py).
+    # Set (by DocumentSession.ask) while a question is read and while answer
+    # tokens are generated: steps then add their queries' attention mass per
+    # token of the blocks they read (evidence.py). For short feeds only.
     evidence = None
 
     def __init__(self, model, config: LandmarkConfig, offload: str = "cpu", kv_dtype: torch.dtype | None = None,
@@ -270,9 +271,10 @@ class LandmarkEngine:
         win_valid = (torch.arange(n_win_blocks * S, device=self.device) < W).view(n_win_blocks, S)
         q_idx = torch.arange(p, W, device=self.device)
         landmark_rope = self._landmark_rope(h)
-        # Evidence: only in token steps (one ordinary token, maybe its block's landmark), from that token's query.
-        ordinary = [i for i, t in enumerate(piece) if t != cfg.landmark_id] if self.evidence is not None and T <= 2 else []
-        evidence_row = ordinary[0] if len(ordinary) == 1 else None
+        # Evidence (set for short feeds only: a question, answer tokens): every ordinary token's query.
+        evidence_rows = [i for i, t in enumerate(piece) if t != cfg.landmark_id] if self.evidence is not None else []
+        # the blocks a query reads besides the retrieved ones: the window's, from the open block on
+        window_ids = torch.arange(n_win_blocks, device=self.device).expand(self.n_kv, n_win_blocks)  # [Hkv, n_win]
 
         step_ids, step_scores = [], []
         for li, layer in enumerate(self.llama.layers):
@@ -303,10 +305,12 @@ class LandmarkEngine:
             keys = torch.cat([blocks_k, wk], dim=1)[None]
             values = torch.cat([blocks_v, wv], dim=1)[None]
             valid = torch.cat([torch.ones(r, S, dtype=torch.bool, device=self.device), win_valid])
-            if evidence_row is not None and r:
+            if evidence_rows:
                 out, probs = grouped_attention_inference(q, keys, values, r + q_idx // S, q_idx % S, valid,
-                                                         block_probs=True)
-                self.evidence.add(ids_r, probs[0].unflatten(1, (-1, T))[:, :, evidence_row, :r])
+                                                         slot_probs=True)
+                read = window_ids + len(store)
+                probs = probs[0].unflatten(1, (-1, T))[:, :, evidence_rows].flatten(1, 2)  # [Hkv, G * rows, N, S]
+                self.evidence.add(torch.cat([ids_r, read], dim=1) if r else read, probs)
             else:
                 out = blockwise_grouped_attention(q, keys, values, r + q_idx // S, q_idx % S, valid, tile=self.tile)
             out = out.transpose(1, 2).reshape(1, T, self.n_heads * self.head_dim).to(h.dtype)

@@ -2,14 +2,17 @@
 
 A generated sentence from a small model can be wrong while the blocks it read
 are right, so every answer comes with where it looked. While answer tokens
-are generated, the engine hands each layer's outer probabilities of the
-retrieved blocks (the grouped softmax's share of a query's attention that goes
-to a block's tokens) to an EvidenceRecorder, which sums them per block over
-layers, query heads and answer tokens. passages() ranks those sums over the
-document's own blocks (the prompt's head, the question and earlier turns are
-no evidence; the attention sink at the prompt's start would otherwise win
-every time), merges neighbouring top blocks and maps them to file:line and
-text through the session's source map.
+are generated, the engine hands each layer's attention probabilities over the
+slots of the retrieved blocks and of the open block (the grouped softmax's
+outer probability of a block times the inner one of its token) to an
+EvidenceRecorder, which sums them per token over layers, query heads and
+answer tokens. passages() sums those over each block's document tokens (the
+prompt's head, the question and earlier turns are no evidence; the attention
+sink at the prompt's start would otherwise win every time), ranks the blocks,
+merges neighbouring top blocks and maps them to file:line and text through
+the session's source map. Per token, not per block: the document's last
+block is shared with the question, and a fact written there (or still in
+the open block while the answer is generated) is evidence too.
 """
 
 from __future__ import annotations
@@ -27,17 +30,17 @@ RUN = 3  # neighbouring blocks merged into one passage, at most
 
 
 @dataclass(frozen=True)
-class BlockMass:
-    """Attention mass per block id (float64, [n]), summed over `rows` query
-    rows (layers x query heads x answer tokens); mass / rows is a block's mean
-    share of the answer's attention."""
+class TokenMass:
+    """Attention mass per ordinary token (float64, [n]: block i holds tokens
+    i*b .. i*b+b-1), summed over `rows` query rows (layers x query heads x
+    answer tokens); mass / rows is a token's mean share of the answer's attention."""
 
     mass: torch.Tensor
     rows: int
 
 
 class EvidenceRecorder:
-    """Accumulates per-block attention mass; the engine calls add() once per
+    """Accumulates per-token attention mass; the engine calls add() once per
     layer in every token step while it is set as LandmarkEngine.evidence.
     The sums stay on the engine's device until result(), so recording costs
     no host synchronisation per layer."""
@@ -47,21 +50,25 @@ class EvidenceRecorder:
         self._rows = 0
 
     def add(self, block_ids: torch.Tensor, probs: torch.Tensor) -> None:
-        """block_ids: [Hkv, r] retrieved blocks; probs: [Hkv, rows, r] their
-        outer probabilities for each query row of the head group."""
-        need = int(block_ids.max()) + 1
+        """block_ids: [Hkv, n] blocks read (retrieved, and the open one);
+        probs: [Hkv, rows, n, b+1] the attention probability of each of their
+        slots for each query row of the head group (the landmark slot, last,
+        carries no value and is not a token)."""
+        b = probs.shape[-1] - 1
+        tokens = (block_ids[:, :, None] * b + torch.arange(b, device=block_ids.device)).flatten()  # [Hkv * n * b]
+        need = int(tokens.max()) + 1
         if self._mass is None or len(self._mass) < need:
             grown = torch.zeros(max(need, 2 * (0 if self._mass is None else len(self._mass))),
                                 dtype=torch.float64, device=probs.device)
             if self._mass is not None:
                 grown[: len(self._mass)] = self._mass
             self._mass = grown
-        self._mass.index_add_(0, block_ids.flatten(), probs.sum(dim=1).flatten().to(torch.float64))
+        self._mass.index_add_(0, tokens, probs[..., :b].sum(dim=1).flatten().to(torch.float64))
         self._rows += probs.shape[0] * probs.shape[1]
 
-    def result(self) -> BlockMass:
+    def result(self) -> TokenMass:
         mass = torch.zeros(0, dtype=torch.float64) if self._mass is None else self._mass.cpu()
-        return BlockMass(mass, self._rows)
+        return TokenMass(mass, self._rows)
 
 
 @dataclass(frozen=True)
@@ -89,26 +96,17 @@ class Passage:
                 "text": self.text}
 
 
-def document_share(session: DocumentSession, n: int) -> torch.Tensor:
-    """Per block id below n, the share of its tokens that are document tokens
-    (the prompt's head comes before them; the question and answers after)."""
-    b = session.block_size
-    start, end = session.doc_token_start, len(session.token_ids)
-    first = torch.arange(n, dtype=torch.float64) * b
-    return (first + b).clamp(max=end).sub(first.clamp(min=start)).clamp(min=0) / b
+def document_mass(session: DocumentSession, evidence: TokenMass) -> torch.Tensor:
+    """Per block, the evidence mass of its document tokens (the prompt's head
+    comes before them; the question and answers after): [n_blocks], float64."""
+    b, start, end = session.block_size, session.doc_token_start, len(session.token_ids)
+    mass = evidence.mass.clone()
+    mass[:start] = 0
+    mass[end:] = 0
+    return torch.nn.functional.pad(mass, (0, -len(mass) % b)).view(-1, b).sum(dim=1)
 
 
-def document_mass(session: DocumentSession, evidence: BlockMass) -> torch.Tensor:
-    """The evidence mass of blocks that belong to the document: at least half
-    their tokens are its own, and a block it shares with the prompt (its first
-    or last block) counts only in proportion. So the prompt's head (the
-    attention sink) and the question are never evidence, while a fact in the
-    document's last sentences still can be."""
-    share = document_share(session, len(evidence.mass))
-    return torch.where(share >= 0.5, evidence.mass * share, torch.zeros_like(share))
-
-
-def passages(session: DocumentSession, evidence: BlockMass | None, limit: int = PASSAGES) -> list[Passage]:
+def passages(session: DocumentSession, evidence: TokenMass | None, limit: int = PASSAGES) -> list[Passage]:
     """Up to `limit` passages, most mass first. Blocks are taken by mass: a
     block next to a passage in the same file joins it (up to RUN blocks), a
     block next to a full passage is passed over, any other starts a new one,

@@ -18,7 +18,7 @@ from typing import Literal
 from lmqa.engine.landmark_engine import LandmarkEngine, Mark, RetrievalStep
 from .abstention import AbstentionPrior
 from .answer_search import best_answer
-from .evidence import BlockMass, EvidenceRecorder
+from .evidence import EvidenceRecorder, TokenMass
 from lmqa.engine.generation import LogitsProcessor, SamplingConfig, generate
 from lmqa.ingest import BlockSource, Document, build_source_map, kv_cache_bytes, tokenize_document
 from lmqa.model.loading import LoadedModel
@@ -114,7 +114,7 @@ class Answer:
     timings: Timings
     steps: list[RetrievalStep]  # this answer's steps: question prefill chunks, then one per generated token
     sources: Mapping[int, BlockSource]  # the session's source map, shared
-    evidence: BlockMass | None = None  # attention mass per block of the answer tokens' queries (evidence.py)
+    evidence: TokenMass | None = None  # attention mass per token of the answer tokens' queries (evidence.py)
     refusal_scores: tuple[float, float] | None = None  # log p of "does not say" vs the best other start (abstention.py)
 
     @property
