@@ -204,6 +204,16 @@ def greedy_from(prompt: list[int], first: int, stops: set[int], max_new: int) ->
     return score / len(out), out
 
 
+def answer_score(prompt: list[int], ids: list[int], stops: set[int]) -> float:
+    """Mean log p per token of ids and the likeliest stop after them, on a fresh engine."""
+    engine = tiny_engine()
+    logits, total = engine.feed(prompt), 0.0
+    for t in ids:
+        total += float(torch.log_softmax(logits.float(), -1)[t])
+        logits = engine.feed([t])
+    return (total + max(float(torch.log_softmax(logits.float(), -1)[s]) for s in stops)) / (len(ids) + 1)
+
+
 @pytest.mark.parametrize("seed", range(3))
 def test_best_answer_is_the_likeliest_of_the_candidates_and_leaves_one_answer_in_the_engine(seed):
     from lmqa.qa.answer_search import best_answer
@@ -211,14 +221,49 @@ def test_best_answer_is_the_likeliest_of_the_candidates_and_leaves_one_answer_in
     rng = random.Random(seed)
     prompt, stops, n = [rng.randrange(2, 64) for _ in range(17)], {3, 4}, 4
     firsts = torch.log_softmax(tiny_engine().feed(prompt).float(), -1).topk(n).indices.tolist()
-    expected = max((greedy_from(prompt, f, stops, 6) for f in firsts), key=lambda c: c[0])[1]
+    greedy = max((greedy_from(prompt, f, stops, 6) for f in firsts), key=lambda c: c[0])
+    expected = greedy[1]
     engine, streamed = tiny_engine(), []
-    out = best_answer(engine, prompt, SamplingConfig(max_new_tokens=6), stops, n, on_token=streamed.append)
+    out = best_answer(engine, engine.feed(prompt), SamplingConfig(max_new_tokens=6), stops, n, on_token=streamed.append)
     assert out == streamed == [t for t in expected if t not in stops]
     plain = tiny_engine()
     plain.feed(prompt)
     for t in out:
         plain.feed([t])
     assert engine.n_tokens == plain.n_tokens and len(engine.trace.steps) == len(plain.trace.steps)
-    single = best_answer(tiny_engine(), prompt, SamplingConfig(max_new_tokens=6), stops, 1)
+    engine = tiny_engine()
+    single = best_answer(engine, engine.feed(prompt), SamplingConfig(max_new_tokens=6), stops, 1)
     assert single == generate(tiny_engine(), prompt, SamplingConfig(max_new_tokens=6), stops)
+
+
+def test_best_answer_reads_proposals_as_whole_answers():
+    """Proposals (greedy completions of the 2nd..6th likeliest first tokens,
+    which plain greedy with n=1 never tries, and random ones) are scored as
+    whole answers: the likeliest of all wins, over several prompts, some won
+    by a proposal and some by the greedy answer."""
+    from lmqa.qa.answer_search import best_answer
+
+    rng, stops, winners = random.Random(5), {3, 4}, set()
+    for _ in range(6):
+        prompt = [rng.randrange(2, 64) for _ in range(17)]
+        firsts = torch.log_softmax(tiny_engine().feed(prompt).float(), -1).topk(6).indices.tolist()
+        greedy = greedy_from(prompt, firsts[0], stops, 6)
+        proposals = [[t for t in greedy_from(prompt, f, stops, 6)[1] if t not in stops] for f in firsts[1:]]
+        proposals += [[rng.randrange(5, 64) for _ in range(3)]]
+        scored = [(greedy[0], [t for t in greedy[1] if t not in stops], "greedy")]
+        scored += [(answer_score(prompt, p, stops), p, "proposal") for p in proposals if p]
+        _, want, winner = max(scored, key=lambda c: c[0])
+        engine, streamed = tiny_engine(), []
+        out = best_answer(engine, engine.feed(prompt), SamplingConfig(max_new_tokens=6), stops, 1,
+                          proposals=proposals, on_token=streamed.append)
+        assert out == streamed == want
+        assert engine.n_tokens == len(prompt) + len(out)  # one answer left in the engine
+        winners.add(winner)
+        # a proposal whose first token the processors forbid is not read
+        if winner == "proposal":
+            forbid = lambda logits, generated, t=want[0]: logits.index_fill(0, torch.tensor([t]), float("-inf"))  # noqa: E731
+            engine = tiny_engine()
+            out = best_answer(engine, engine.feed(prompt), SamplingConfig(max_new_tokens=6), stops, 1, (forbid,),
+                              proposals=[want])
+            assert out[:1] != want[:1]
+    assert winners == {"greedy", "proposal"}

@@ -13,9 +13,10 @@ at once. A graph needs fixed shapes and fixed addresses, so this step:
 It serves the common step only: one ordinary token that does not close its
 block, blocks on the device (`--kv-offload device`, or auto while they fit)
 in the compute dtype, no mapped prefix, at least k blocks stored. It also
-hands answer evidence (each retrieved and open block slot's attention share)
-to the engine's recorder, as the eager step does. Everything else (a token and the landmark closing
-its block, prefill, host-resident blocks) takes the engine's eager step. The
+hands answer evidence (the attention share of each slot of the retrieved
+blocks and the open block) to the engine's recorder, as the eager step does.
+Everything else (a token and the landmark closing its block, prefill,
+host-resident blocks) takes the engine's eager step. The
 graph is captured again when a store's buffers move (they grow by doubling).
 
 tests/test_graph_decode.py checks the eager form of this step against the

@@ -35,6 +35,7 @@ from lmqa.ingest.document import DocumentBuilder
 from lmqa.model.loading import LoadedModel
 from .passkey import first_integer, make_case
 from lmqa.qa.prompts import PROMPTS_DIR
+from lmqa.qa.sentences import SENTENCE_END  # where a fact may be written in
 from lmqa.qa.session import DocumentSession, QAPrompt
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -42,9 +43,6 @@ NEEDLES = PROMPTS_DIR / "eval_needles.jsonl"
 BOOKS = Path("shared/books/eval")  # relative to the repository (or the directory above it)
 CODE = ROOT / "lmqa"
 TASKS = ("needle", "passkey", "code")
-# A sentence ends at . ! or ? (closing quotes and brackets included) followed
-# by space and a capital: "Mr. Darcy" aside, that is where a new sentence may go.
-SENTENCE_END = re.compile(r"[.!?][\"'’”)\]]*\s+(?=[\"'“‘(]?[A-Z])")
 GUTENBERG = re.compile(r"\*\*\* ?START OF.*?\*\*\*(.*?)(\*\*\* ?END OF|\Z)", re.S)
 
 

@@ -18,16 +18,18 @@ from typing import Literal
 from lmqa.engine.landmark_engine import LandmarkEngine, Mark, RetrievalStep
 from .abstention import AbstentionPrior
 from .answer_search import best_answer
-from .evidence import EvidenceRecorder, TokenMass
+from .evidence import EvidenceRecorder, TokenMass, document_mass
 from lmqa.engine.generation import LogitsProcessor, SamplingConfig, generate
 from lmqa.ingest import BlockSource, Document, build_source_map, kv_cache_bytes, tokenize_document
 from lmqa.model.loading import LoadedModel
 from .prompts import REFUSAL, template
 from .quote import QuoteConstraint, normalize
+from .sentences import sentences_around
 
 DocumentKind = Literal["document", "codebase"]
 KINDS: tuple[str, ...] = ("document", "codebase")
 
+PROPOSAL_BLOCKS = 6  # blocks whose sentences are read as candidate answers (DocumentSession.proposals)
 # Placeholders cut the rendered chat template at the document, the question
 # and a previous answer; control characters never occur in prompts or templates.
 _DOC, _QUESTION, _ANSWER = "\x00", "\x01", "\x02"
@@ -259,8 +261,13 @@ class DocumentSession:
         start = time.perf_counter()
         try:
             if sampling.candidates > 1 and sampling.temperature <= 0:
-                out = best_answer(self.engine, ids, sampling, self.stop_ids(), sampling.candidates, processors,
-                                  on_token=token, on_prefill=prefilled)
+                read = EvidenceRecorder()  # where the question looks: its sentences are proposed as answers
+                self.engine.evidence = read if self.quote else None
+                logits = self.engine.feed(ids, progress=prefilled)
+                self.engine.evidence = None
+                proposals = self.proposals(read.result()) if self.quote else []
+                out = best_answer(self.engine, logits, sampling, self.stop_ids(), sampling.candidates, processors,
+                                  proposals, on_token=token)
             else:
                 out = generate(self.engine, ids, sampling, self.stop_ids(), on_token=token, on_prefill=prefilled,
                                processors=processors)
@@ -281,6 +288,23 @@ class DocumentSession:
         refusal = next((p.scores for p in processors if isinstance(p, AbstentionPrior)), None)
         return Answer(question, tok.decode(out, skip_special_tokens=True).strip(), out, timings, steps, self.sources,
                       recorder.result(), refusal)
+
+    def proposals(self, question: TokenMass, blocks: int = PROPOSAL_BLOCKS) -> list[list[int]]:
+        """Whole answers for best_answer() to read: the sentences of the
+        `blocks` document blocks that the question's own tokens attended to
+        most (a fact the question asks about draws its attention), most
+        attended first, whitespace normalised as quotes are."""
+        mass = document_mass(self, question)
+        text, tok, seen, out = self.document.text, self.loaded.tokenizer, set(), []
+        for block in mass.argsort(descending=True)[:blocks].tolist():
+            source = self.sources.get(block)
+            if source is None or mass[block] <= 0:
+                break
+            for a, b in sentences_around(text, source.char_start, source.char_end):
+                if (a, b) not in seen:
+                    seen.add((a, b))
+                    out.append(tok(normalize(text[a:b]), add_special_tokens=False).input_ids)
+        return out
 
     def answer_rules(self) -> tuple[LogitsProcessor, ...]:
         """The refusal's margin (for models trained to refuse), then quoting."""

@@ -1,0 +1,42 @@
+"""Sentences of a text: the spans a quoting answer is made of.
+
+The shipped model answers with the sentence of the document that holds the
+fact (lmqa/train/qa_data.py), so whole sentences are the natural candidate
+answers (answer_search.py). A sentence ends at . ! or ? (closing quotes and
+brackets included) before whitespace and a capital, or at a blank line;
+"Mr. Darcy" aside, that is where a new sentence may start.
+"""
+
+from __future__ import annotations
+
+import re
+
+SENTENCE_END = re.compile(r"[.!?][\"'’”)\]]*\s+(?=[\"'“‘(]?[A-Z])")
+_BREAK = re.compile(f"{SENTENCE_END.pattern}|\\n\\s*\\n")
+LOOK_BACK = 2000  # characters searched for the start of a sentence that overlaps a span
+
+
+def sentences_around(text: str, start: int, end: int) -> list[tuple[int, int]]:
+    """Character spans (start, end) of the sentences of text that overlap
+    [start, end), whitespace stripped, in order. A sentence that began more
+    than LOOK_BACK characters before start is cut there."""
+    lo = max(start - LOOK_BACK, 0)
+    cuts = [lo] + [m.end() for m in _BREAK.finditer(text, lo, start + 8) if lo < m.end() <= start]  # 8: lookahead
+    begin = cuts[-1]
+    spans = []
+    for m in _BREAK.finditer(text, begin):
+        if begin < end:
+            spans.append((begin, m.start() + len(m.group().rstrip())))
+        begin = m.end()
+        if begin >= end:
+            break
+    else:
+        if begin < end:
+            spans.append((begin, len(text)))
+    out = []
+    for a, b in spans:
+        piece = text[a:b]
+        a, b = a + len(piece) - len(piece.lstrip()), b - (len(piece) - len(piece.rstrip()))
+        if a < b and a < end and b > start:
+            out.append((a, b))
+    return out
