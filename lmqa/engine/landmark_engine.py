@@ -273,8 +273,6 @@ class LandmarkEngine:
         landmark_rope = self._landmark_rope(h)
         # Evidence (set for short feeds only: a question, answer tokens): every ordinary token's query.
         evidence_rows = [i for i, t in enumerate(piece) if t != cfg.landmark_id] if self.evidence is not None else []
-        # the blocks a query reads besides the retrieved ones: the window's, from the open block on
-        window_ids = torch.arange(n_win_blocks, device=self.device).expand(self.n_kv, n_win_blocks)  # [Hkv, n_win]
 
         step_ids, step_scores = [], []
         for li, layer in enumerate(self.llama.layers):
@@ -308,7 +306,8 @@ class LandmarkEngine:
             if evidence_rows:
                 out, probs = grouped_attention_inference(q, keys, values, r + q_idx // S, q_idx % S, valid,
                                                          slot_probs=True)
-                read = window_ids + len(store)
+                # the retrieved blocks, then the window's, from the open block on
+                read = torch.arange(len(store), len(store) + n_win_blocks, device=self.device).expand(self.n_kv, -1)
                 probs = probs[0].unflatten(1, (-1, T))[:, :, evidence_rows].flatten(1, 2)  # [Hkv, G * rows, N, S]
                 self.evidence.add(torch.cat([ids_r, read], dim=1) if r else read, probs)
             else:
