@@ -5,8 +5,10 @@ holds the fact (that is how lmqa trains it, see lmqa/train/qa_data.py). A
 135M model often finds the right sentence and then drifts while copying it
 ("a shade of green" where the book says "a shade she called thunderstorm
 teal"). QuoteConstraint lets only tokens through that keep the answer a
-verbatim passage of the document (whitespace aside, and a capital where a
-quote starts a word the document writes in lower case), or a prefix of
+verbatim passage of the document (with single spaces where the document
+has any whitespace: hard-wrapped lines and no-break spaces show as spaces;
+and a capital where a quote starts a word the document writes in lower
+case), or a prefix of
 one of a few fixed answers such as "The document does not say.". The model
 still chooses where to quote from and when to stop; it can no longer invent.
 """
@@ -21,6 +23,7 @@ from lmqa.engine.generation import keep_only
 
 _SPACE = re.compile(r"\s+")
 _SPACE_RUN = re.compile(r"\s\s")
+_NOT_A_SPACE = re.compile(r"[^\S ]")  # whitespace other than " ": a line break, a tab, a no-break space
 
 
 def normalize(text: str) -> str:
@@ -43,7 +46,8 @@ class QuoteConstraint:
     text still occurs in the document (or starts one of `fixed`); every
     other token gets -inf. A token that adds whitespace where the answer
     already ends in it is not allowed either (it would match, as the
-    document's whitespace is normalised, and show as "the  violinist"). Stop
+    document's whitespace is normalised, and show as "the  violinist"), nor
+    one with whitespace other than a space ("cook,\nMatilda."). Stop
     tokens are allowed where the answer ends a word of the document (not
     "in a" of "in an empty box") or is a whole fixed answer; inside a word,
     the token that continues the document's text is always allowed; when
@@ -119,8 +123,8 @@ class QuoteConstraint:
             return False  # stopping is decided in __call__; other special tokens are no text
         raw = self._decode(self._seen + [token])
         added = raw[len(self._raw):] if raw.startswith(self._raw) else raw
-        if _SPACE_RUN.search(self._raw[-1:] + added):
-            return False  # whitespace after whitespace
+        if _SPACE_RUN.search(self._raw[-1:] + added) or _NOT_A_SPACE.search(added):
+            return False  # whitespace after whitespace; a quote's whitespace is one space
         answer, cut = self._text(raw)
         if cut > 3:
             return False
