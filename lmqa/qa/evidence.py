@@ -41,7 +41,8 @@ class TokenMass:
 
 class EvidenceRecorder:
     """Accumulates per-token attention mass; the engine calls add() once per
-    layer in every token step while it is set as LandmarkEngine.evidence.
+    layer in every step while it is set as LandmarkEngine.evidence (the
+    session sets one for the question's tokens, one for the answer's).
     The sums stay on the engine's device until result(), so recording costs
     no host synchronisation per layer."""
 
