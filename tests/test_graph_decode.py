@@ -64,11 +64,13 @@ def test_fixed_shape_step_equals_the_eager_step():
     run_and_compare(make_tiny_llama(vocab=128, hidden=48, heads=6, kv_heads=2, layers=2, seed=0), capture=False)
 
 
-def test_decoder_records_the_eager_steps_evidence():
-    """An answer's evidence (attention mass per retrieved block) is the same
-    whether its tokens ran eagerly or through the decoder."""
-    model = make_tiny_llama(vocab=128, hidden=48, heads=6, kv_heads=2, layers=2, seed=0)
-    ref, fast = pair(model, capture=False)
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
+def test_decoder_records_the_eager_steps_evidence(device):
+    """An answer's evidence (attention mass per token of the retrieved and the
+    open blocks) is the same whether its tokens ran eagerly or through the
+    decoder (eagerly on a CPU, as a captured CUDA graph on a GPU)."""
+    model = make_tiny_llama(vocab=128, hidden=48, heads=6, kv_heads=2, layers=2, seed=0).to(device)
+    ref, fast = pair(model, capture=device == "cuda")
     ids = random_ids(260, seed=23)
     ref.feed(ids[:200])
     fast.feed(ids[:200])
