@@ -22,21 +22,17 @@ def sentences_around(text: str, start: int, end: int) -> list[tuple[int, int]]:
     than LOOK_BACK characters before start is cut there."""
     lo = max(start - LOOK_BACK, 0)
     cuts = [lo] + [m.end() for m in _BREAK.finditer(text, lo, start + 8) if lo < m.end() <= start]  # 8: lookahead
-    begin = cuts[-1]
-    spans = []
-    for m in _BREAK.finditer(text, begin):
-        if begin < end:
-            spans.append((begin, m.start() + len(m.group().rstrip())))
-        begin = m.end()
-        if begin >= end:
+    bounds = [cuts[-1]]  # sentence starts, from the one at or before start to the first at or after end
+    for m in _BREAK.finditer(text, bounds[0]):
+        bounds.append(m.end())
+        if m.end() >= end:
             break
     else:
-        if begin < end:
-            spans.append((begin, len(text)))
+        bounds.append(len(text))
     out = []
-    for a, b in spans:
+    for a, b in zip(bounds, bounds[1:]):
         piece = text[a:b]
-        a, b = a + len(piece) - len(piece.lstrip()), b - (len(piece) - len(piece.rstrip()))
+        a, b = a + len(piece) - len(piece.lstrip()), a + len(piece.rstrip())
         if a < b and a < end and b > start:
             out.append((a, b))
     return out
