@@ -639,11 +639,17 @@ def bench(
             with err.status(f"full attention at {n:,} tokens"):
                 rows.append(bench_full(loaded.model, ids, new_tokens))
     # decode at the longest length over the shortest, per engine path; layer-major over serial, per length
-    growth = {}
+    growth = []
     for method in dict.fromkeys(r.method for r in rows if r.method != "full"):
         engine_rows = [r for r in rows if r.method == method]
-        growth[method] = (engine_rows[0], engine_rows[-1])
-    pairs = {n: {r.method: r for r in rows if r.tokens == n} for n in sizes} if len(paths) == 2 else {}
+        first, last = engine_rows[0], engine_rows[-1]
+        growth.append({"method": method, "from": first.tokens, "to": last.tokens, "ratio": last.decode_ms / first.decode_ms})
+    layer_vs_serial = []
+    for n in sizes if len(paths) == 2 else ():
+        by = {r.method: r for r in rows if r.tokens == n}
+        layer, serial = by["landmark"], by["landmark-serial"]
+        layer_vs_serial.append({"tokens": n, "prefill": layer.prefill_tok_s / serial.prefill_tok_s,
+                                "decode": layer.decode_ms / serial.decode_ms})
     limit = engine.auto_offload.limit if engine.auto_offload is not None else None
     if as_json:
         print(json.dumps({
@@ -651,11 +657,7 @@ def bench(
             "threads": torch.get_num_threads(), "device": str(engine.device),
             "gpu": torch.cuda.get_device_name(engine.device) if engine.device.type == "cuda" else None,
             "auto_offload_limit_bytes": limit, "rows": [asdict(r) for r in rows],
-            "decode_growth": [{"method": m, "from": a.tokens, "to": b.tokens, "ratio": b.decode_ms / a.decode_ms}
-                              for m, (a, b) in growth.items()],
-            "layer_vs_serial": [{"tokens": n, "prefill": by["landmark"].prefill_tok_s / by["landmark-serial"].prefill_tok_s,
-                                 "decode": by["landmark"].decode_ms / by["landmark-serial"].decode_ms}
-                                for n, by in pairs.items()],
+            "decode_growth": growth, "layer_vs_serial": layer_vs_serial,
         }))
         return
     table = Table(title=f"lmqa bench: {loaded.name}, k={loaded.landmark.top_k}, b={loaded.landmark.block_size}, "
@@ -671,13 +673,12 @@ def bench(
     console.print(table)
     if limit:
         console.print(f"--kv-offload auto: blocks on the device up to {format_size(limit)}, else in host memory")
-    for method, (first, last) in growth.items():
-        label = "engine" if method == "landmark" else f"engine ({method})"
-        console.print(f"{label} decode at {last.tokens:,} tokens is {last.decode_ms / first.decode_ms:.2f}x "
-                      f"that at {first.tokens:,}")
-    for n, by in pairs.items():
-        console.print(f"layer-major prefill at {n:,} tokens: {by['landmark'].prefill_tok_s / by['landmark-serial'].prefill_tok_s:.2f}x "
-                      f"the chunk-serial one; decode {by['landmark'].decode_ms / by['landmark-serial'].decode_ms:.2f}x")
+    for g in growth:
+        label = "engine" if g["method"] == "landmark" else f"engine ({g['method']})"
+        console.print(f"{label} decode at {g['to']:,} tokens is {g['ratio']:.2f}x that at {g['from']:,}")
+    for x in layer_vs_serial:
+        console.print(f"layer-major prefill at {x['tokens']:,} tokens: {x['prefill']:.2f}x the chunk-serial one; "
+                      f"decode {x['decode']:.2f}x")
 
 
 # ----- train -----
