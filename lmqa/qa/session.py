@@ -261,11 +261,11 @@ class DocumentSession:
         start = time.perf_counter()
         try:
             if sampling.candidates > 1 and sampling.temperature <= 0:
-                read = EvidenceRecorder()  # where the question looks: its sentences are proposed as answers
-                self.engine.evidence = read if self.quote else None
+                read = EvidenceRecorder() if self.quote else None  # where the question looks: its sentences are read
+                self.engine.evidence = read
                 logits = self.engine.feed(ids, progress=prefilled)
                 self.engine.evidence = None
-                proposals = self.proposals(read.result()) if self.quote else []
+                proposals = self.proposals(read.result()) if read else []
                 out = best_answer(self.engine, logits, sampling, self.stop_ids(), sampling.candidates, processors,
                                   proposals, on_token=token)
             else:
