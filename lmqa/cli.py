@@ -325,12 +325,12 @@ def _write_output(path: Path, write) -> None:
         raise UserError(f"{path}: could not write ({e.strerror or e})") from None
 
 
-def _ingest(path: Path, include: list[str], exclude: list[str]):
+def _ingest(path: Path, include: list[str], exclude: list[str], keep_boilerplate: bool = False):
     """The document, with its warnings and skipped files reported on stderr."""
     from .ingest import IngestError, ingest
 
     try:
-        document = ingest(path, include, exclude)
+        document = ingest(path, include, exclude, keep_boilerplate=keep_boilerplate)
     except IngestError as e:
         raise UserError(str(e)) from None
     for warning in document.warnings:
@@ -382,13 +382,14 @@ def _open_context(path: Path, model, quantize, device, kv_offload, top_k, block_
 
 IncludeOpt = Annotated[Optional[list[str]], typer.Option("--include", help="Codebases: read only files matching this .gitignore-style glob (repeatable).")]
 ExcludeOpt = Annotated[Optional[list[str]], typer.Option("--exclude", help="Codebases: skip files and directories matching this .gitignore-style glob (repeatable).")]
+BoilerplateOpt = Annotated[bool, typer.Option("--keep-boilerplate", help="Text files: keep a Project Gutenberg header and licence (cut by default: they are no part of the book, and their text would win answers).")]
 QuoteOpt = Annotated[bool, typer.Option("--quote/--no-quote", help="Documents: hold the answer to a verbatim passage of the document (as the default model is trained to answer: no invented details), or let the model use its own words. Codebase answers are never held.")]
 SeedOpt = Annotated[Optional[int], typer.Option("--seed", help="Random seed for sampling (with --temperature above 0).")]
 MaxMemoryOpt = Annotated[str, typer.Option("--max-memory", help="Key/value memory to use (e.g. 4GiB, 512M; auto = 80% of the free memory where blocks live). A document whose cache exceeds it is read through a temporary file on disk; ingest always streams to its file.")]
 
 
 def _prepared_session(path: Path, include, exclude, max_memory: str, model, quantize, device, kv_offload, top_k,
-                      block_size, kv_dtype=None):
+                      block_size, kv_dtype=None, keep_boilerplate: bool = False):
     """A new DocumentSession for a document, tokenized and sized (tokens and
     estimated key/value cache, printed); returns it with the memory budget."""
     from lmqa.engine.memory_budget import budget, format_size, parse_budget
@@ -398,7 +399,7 @@ def _prepared_session(path: Path, include, exclude, max_memory: str, model, quan
         limit = parse_budget(max_memory)
     except ValueError as e:
         raise UserError(f"--max-memory: {e}") from None
-    document = _ingest(path, include or [], exclude or [])
+    document = _ingest(path, include or [], exclude or [], keep_boilerplate)
     kind = "codebase" if path.is_dir() else "document"
     loaded = _load(model, quantize, device, top_k, block_size)
     engine = _engine(loaded, kv_offload, kv_dtype)
@@ -407,6 +408,7 @@ def _prepared_session(path: Path, include, exclude, max_memory: str, model, quan
         tokens = session.prepare()
     allowed = budget(limit, engine.device, kv_offload)
     parts = f"{len(document.segments):,} {'files' if kind == 'codebase' else 'parts'}, " if len(document.segments) > 1 else ""
+    parts += "".join(f"dropped the {escape(d)}, " for d in document.dropped)
     err.print(f"[dim]{escape(document.source)}: {parts}{tokens:,} tokens, {len(session.sources):,} blocks of "
               f"{session.block_size}; estimated key/value cache {format_size(session.cache_bytes())} "
               f"(budget {format_size(allowed)})[/dim]", soft_wrap=True, highlight=False)
@@ -422,7 +424,7 @@ def _over_budget(session, need: int, allowed: int) -> UserError:
 
 
 def _read_session(path: Path, include, exclude, max_memory: str, model, quantize, device, kv_offload, top_k,
-                  block_size, kv_dtype=None):
+                  block_size, kv_dtype=None, keep_boilerplate: bool = False):
     """Read a document into a new DocumentSession with a progress bar: in
     memory when its estimated cache fits the budget, else spilled to a
     temporary context file (see context_stream.py)."""
@@ -430,7 +432,7 @@ def _read_session(path: Path, include, exclude, max_memory: str, model, quantize
     from lmqa.model.loading import CACHE_DIR
 
     session, allowed = _prepared_session(path, include, exclude, max_memory, model, quantize, device, kv_offload,
-                                         top_k, block_size, kv_dtype)
+                                         top_k, block_size, kv_dtype, keep_boilerplate)
     need = session.cache_bytes()
     piece_bytes = fitting_piece_bytes(session, allowed) if session.engine.offload == "cpu" else None  # device blocks stay put
     if need > allowed and piece_bytes is None:
@@ -454,14 +456,14 @@ def _read_session(path: Path, include, exclude, max_memory: str, model, quantize
 
 
 def _session(path: Path, include, exclude, max_memory: str, model, quantize, device, kv_offload, top_k,
-             block_size, kv_dtype: Optional[str]):
+             block_size, kv_dtype: Optional[str], keep_boilerplate: bool = False):
     """A DocumentSession for ask and chat: opened from a context file, or read from the document."""
     from lmqa.qa.context_file import is_context_file
 
     if is_context_file(path):
         return _open_context(path, model, quantize, device, kv_offload, top_k, block_size, kv_dtype)
     return _read_session(path, include, exclude, max_memory, model, quantize, device, kv_offload, top_k,
-                         block_size, _kv_dtype(kv_dtype))
+                         block_size, _kv_dtype(kv_dtype), keep_boilerplate)
 
 
 @app.command()
@@ -469,7 +471,8 @@ def _session(path: Path, include, exclude, max_memory: str, model, quantize, dev
 def ask(
     path: Annotated[Path, typer.Argument(help="A document (.txt .md .rst .epub .pdf), a directory read as a codebase, - for standard input, or a context file from `lmqa ingest` (.lmqa).")],
     question: Annotated[str, typer.Argument(help="The question to answer from the document.")],
-    include: IncludeOpt = None, exclude: ExcludeOpt = None, max_memory: MaxMemoryOpt = "auto",
+    include: IncludeOpt = None, exclude: ExcludeOpt = None, keep_boilerplate: BoilerplateOpt = False,
+    max_memory: MaxMemoryOpt = "auto",
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", "-n", min=1, help="Longest answer, in tokens.")] = 200,
     temperature: Annotated[float, typer.Option("--temperature", min=0.0, help="0 = greedy.")] = 0.0,
     show_blocks: Annotated[int, typer.Option("--show-blocks", min=0, help="Also list the N most retrieved blocks per layer, with file:line and snippet (default 0: only the evidence passages).")] = 0,
@@ -497,7 +500,7 @@ def ask(
     _output_path(plot, "--plot")
     _engine_settings(prefill, max_gpu_memory)
     session = _session(path, include, exclude, max_memory, model, quantize, device, kv_offload, top_k, block_size,
-                       kv_dtype)
+                       kv_dtype, keep_boilerplate)
     _report_memory(session.engine)
     session.quote = session.quote and quote  # codebases are never held to quotes
 
@@ -775,7 +778,8 @@ def train_command(
 def ingest_command(
     path: Annotated[Path, typer.Argument(help="A document (.txt .md .rst .epub .pdf), a directory read as a codebase, or - for standard input.")],
     output: Annotated[Path, typer.Option("--output", "-o", help="The context file to write (.lmqa is added if missing).")],
-    include: IncludeOpt = None, exclude: ExcludeOpt = None, max_memory: MaxMemoryOpt = "auto",
+    include: IncludeOpt = None, exclude: ExcludeOpt = None, keep_boilerplate: BoilerplateOpt = False,
+    max_memory: MaxMemoryOpt = "auto",
     kv_dtype: KvDtypeOpt = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted ingest of the same document with the same model and settings from its last checkpoint.")] = False,
     checkpoint_size: Annotated[str, typer.Option("--checkpoint-size", help="Block keys/values written and checkpointed at a time (e.g. 64MiB): what ingest holds in memory besides the model and landmark keys.")] = "64MiB",
@@ -796,7 +800,7 @@ def ingest_command(
     if piece_bytes is None or piece_bytes < 1:
         raise UserError(f"--checkpoint-size must be a size of at least 1 byte, not {checkpoint_size!r}")
     session, allowed = _prepared_session(path, include, exclude, max_memory, model, quantize, device, kv_offload,
-                                         None, block_size, _kv_dtype(kv_dtype))
+                                         None, block_size, _kv_dtype(kv_dtype), keep_boilerplate)
     need = resident_bytes(session, piece_bytes) if session.engine.offload == "cpu" else session.cache_bytes()
     if need > allowed:
         raise _over_budget(session, need, allowed)
@@ -834,7 +838,8 @@ def ingest_command(
 @friendly
 def chat(
     path: Annotated[Path, typer.Argument(help="A context file from `lmqa ingest` (.lmqa), a document, a directory read as a codebase, or - for standard input.")],
-    include: IncludeOpt = None, exclude: ExcludeOpt = None, max_memory: MaxMemoryOpt = "auto",
+    include: IncludeOpt = None, exclude: ExcludeOpt = None, keep_boilerplate: BoilerplateOpt = False,
+    max_memory: MaxMemoryOpt = "auto",
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", "-n", min=1, help="Longest answer, in tokens.")] = 200,
     temperature: Annotated[float, typer.Option("--temperature", min=0.0, help="0 = greedy.")] = 0.0,
     show_blocks: Annotated[int, typer.Option("--show-blocks", min=1, help="Blocks per layer that /blocks lists.")] = 3,
@@ -850,7 +855,7 @@ def chat(
     from lmqa.model.loading import CACHE_DIR
 
     session = _session(path, include, exclude, max_memory, model, quantize, device, kv_offload, top_k, block_size,
-                       kv_dtype)
+                       kv_dtype, keep_boilerplate)
     session.quote = session.quote and quote  # codebases are never held to quotes
     config = ChatConfig(SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature, seed=seed,
                                         candidates=candidates), show_blocks, keep,

@@ -16,14 +16,15 @@ SUPPORTED = (*TEXT_SUFFIXES, ".epub", ".pdf")
 
 
 def ingest(path: str | Path, include: Sequence[str] = (), exclude: Sequence[str] = (),
-           max_file_bytes: int = DEFAULT_MAX_FILE_BYTES) -> Document:
+           max_file_bytes: int = DEFAULT_MAX_FILE_BYTES, keep_boilerplate: bool = False) -> Document:
     """path: a file, a directory (read as a codebase), or "-" for standard input.
 
     include, exclude and max_file_bytes apply to directories only: a file or
-    stream named explicitly is always read whole.
+    stream named explicitly is always read whole. keep_boilerplate applies to
+    plain text: a Project Gutenberg header and licence are cut unless it is set.
     """
     if str(path) == STDIN:
-        return read_stdin()
+        return read_stdin(keep_boilerplate)
     path = Path(path)
     try:
         if path.is_symlink() and not path.exists():
@@ -41,6 +42,6 @@ def ingest(path: str | Path, include: Sequence[str] = (), exclude: Sequence[str]
                               f"supported: {', '.join(SUPPORTED)}, a directory, or - for standard input")
         if path.stat().st_size == 0:
             raise IngestError(f"{path}: the file is empty")
-        return reader(path)
+        return read_text_file(path, keep_boilerplate) if reader is read_text_file else reader(path)
     except OSError as e:  # permissions, a path component that is a file, I/O errors
         raise IngestError(f"{path}: {e.strerror or e}") from None

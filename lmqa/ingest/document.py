@@ -65,6 +65,7 @@ class Document:
     segments: list[Segment]
     skipped: SkipReport = field(default_factory=SkipReport)
     warnings: list[str] = field(default_factory=list)
+    dropped: list[str] = field(default_factory=list)  # text cut on purpose (boilerplate.py), for the ingest line
 
 
 class DocumentBuilder:
@@ -76,7 +77,7 @@ class DocumentBuilder:
         self._parts: list[str] = []
         self._length = 0
 
-    def add(self, title: str, kind: SegmentKind, body: str, header: bool) -> None:
+    def add(self, title: str, kind: SegmentKind, body: str, header: bool, line_start: int = 1) -> None:
         """header: write "===== title =====" before the body, for documents with
         more than one part, so the model itself can see where a part begins."""
         if self._parts:
@@ -87,7 +88,7 @@ class DocumentBuilder:
             body += "\n"
         start = self._length
         self._write(body)
-        self.document.segments.append(Segment(title, kind, start, self._length))
+        self.document.segments.append(Segment(title, kind, start, self._length, line_start))
 
     def build(self) -> Document:
         self.document.text = "".join(self._parts)
