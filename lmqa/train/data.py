@@ -17,7 +17,11 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from lmqa.qa.prompts import PROMPTS_DIR
+
 TEXT_SUFFIXES = {".txt", ".md", ".rst", ".py"}
+# Books `lmqa eval --tasks bookqa` asks about (lmqa/evaluation/bookqa.py): never trained on.
+HOLDOUT = PROMPTS_DIR / "bookqa_holdout.txt"
 
 ADJECTIVES = ["red", "silent", "northern", "ancient", "hollow", "golden", "bitter", "quiet", "crooked", "distant",
               "frozen", "hidden", "narrow", "velvet", "copper", "pale", "restless", "sunken", "wooden", "wild"]
@@ -27,8 +31,14 @@ ATTRIBUTES = ["registry number", "access code", "serial number", "room number", 
               "catalogue number", "account number", "order number", "ticket number"]
 
 
+def held_out() -> set[str]:
+    """File names of the held-out evaluation books."""
+    return set(HOLDOUT.read_text().split())
+
+
 def read_texts(paths: list[Path]) -> list[str]:
-    """Every text or Python file under paths, in a stable order."""
+    """Every text or Python file under paths, in a stable order, except the
+    held-out books (by file name, wherever they lie)."""
     files: list[Path] = []
     for path in paths:
         if path.is_dir():
@@ -37,7 +47,8 @@ def read_texts(paths: list[Path]) -> list[str]:
             files.append(path)
         else:
             raise FileNotFoundError(f"{path}: no such file or directory")
-    return [p.read_text(encoding="utf-8", errors="replace") for p in files]
+    skip = held_out()
+    return [p.read_text(encoding="utf-8", errors="replace") for p in files if p.name not in skip]
 
 
 def tokenize_corpus(paths: list[Path], tokenizer, out: Path | None = None) -> torch.Tensor:
