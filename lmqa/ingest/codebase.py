@@ -16,6 +16,8 @@ from pathlib import Path
 
 from pathspec import GitIgnoreSpec
 
+from lmqa.code.symbols import build_index
+
 from .decoding import decode, looks_binary
 from .document import Document, DocumentBuilder, IngestError, SkipReport
 from .generated import is_generated
@@ -40,7 +42,10 @@ def read_directory(path: Path, include: Sequence[str] = (), exclude: Sequence[st
     if not builder.document.segments:
         why = "; ".join(builder.document.skipped.lines(examples=0)) or "it is empty"
         raise IngestError(f"{path}: no readable text file in this directory ({why})")
-    return builder.build()
+    document = builder.build()
+    package = walk.root.name if any(s.title == "__init__.py" for s in document.segments) else None
+    document.symbols = build_index(((s.title, document.text[s.char_start : s.char_end]) for s in document.segments), package)
+    return document
 
 
 @dataclass

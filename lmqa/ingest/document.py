@@ -8,7 +8,7 @@ retrieved block can be shown as "src/app.py:40-52" instead of a token range.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 SegmentKind = Literal["file", "chapter", "page"]
 
@@ -65,6 +65,7 @@ class Document:
     segments: list[Segment]
     skipped: SkipReport = field(default_factory=SkipReport)
     warnings: list[str] = field(default_factory=list)
+    symbols: Any = None  # codebases: their lmqa.code.symbols.SymbolIndex, built at ingest
     dropped: list[str] = field(default_factory=list)  # text cut on purpose (boilerplate.py), for the ingest line
 
 

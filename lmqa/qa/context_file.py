@@ -66,6 +66,7 @@ import torch
 
 from lmqa import __version__
 from lmqa.atomic_file import atomic_path
+from lmqa.code.symbols import SymbolIndex
 from lmqa.engine.block_store import KV_DTYPES, kv_dtype_name, parse_kv_dtype
 from lmqa.engine.landmark_engine import LandmarkEngine, RetrievalTrace
 from lmqa.ingest import BlockSource, Document, Location, Segment, SkipReport
@@ -457,13 +458,15 @@ def document_bytes(session: DocumentSession) -> bytes:
     return json.dumps({"source": doc.source, "kind": session.kind, "text": doc.text,
                        "segments": [asdict(s) for s in doc.segments], "skipped": doc.skipped.by_reason,
                        "warnings": doc.warnings, "doc_token_start": session.doc_token_start,
+                       "symbols": doc.symbols.to_json() if doc.symbols is not None else None,
                        "sources": [[s.block, s.char_start, s.char_end, s.snippet, [list(asdict(loc).values()) for loc in s.locations]]
                                    for s in session.sources.values()]}).encode()
 
 
 def _document_from(raw: dict[str, Any]) -> tuple[Document, dict[int, BlockSource]]:
     doc = Document(raw["source"], raw["text"], [Segment(**s) for s in raw["segments"]],
-                   SkipReport(raw["skipped"]), list(raw["warnings"]))
+                   SkipReport(raw["skipped"]), list(raw["warnings"]),
+                   SymbolIndex.from_json(raw["symbols"]) if raw.get("symbols") is not None else None)
     sources = {block: BlockSource(block, start, end, snippet, tuple(Location(*loc) for loc in locs))
                for block, start, end, snippet, locs in raw["sources"]}
     return doc, sources
