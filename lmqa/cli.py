@@ -85,15 +85,15 @@ def main(version: Annotated[bool, typer.Option("--version", callback=_version, i
 
 
 # ----- shared model options -----
-ModelOpt = Annotated[Optional[str], typer.Option("--model", "-m", help="Manifest name (see `lmqa models list`), hf:ORG/NAME[@REV], Hugging Face or `lmqa train` directory, or .gguf file. Default: the shipped landmark model.")]
-QuantOpt = Annotated[str, typer.Option("--quantize", "-q", help="Weights: none, int8 or nf4 (bitsandbytes).")]
-DeviceOpt = Annotated[str, typer.Option("--device", help="auto, cpu or cuda.")]
-OffloadOpt = Annotated[str, typer.Option("--kv-offload", help="Where block keys/values live: cpu (host memory), device, or auto (on the GPU while they fit --max-gpu-memory, else host memory; host memory on a CPU).")]
-PrefillOpt = Annotated[str, typer.Option("--prefill", help="layer (whole input one layer at a time: fast) or serial (chunk by chunk through all layers: the reference).")]
-MaxGpuOpt = Annotated[str, typer.Option("--max-gpu-memory", help="With --kv-offload auto: GPU memory block keys/values may take (e.g. 20GiB); auto = half the GPU memory free at start.")]
-TopKOpt = Annotated[Optional[int], typer.Option("--top-k", "-k", min=1, help="Blocks retrieved per head and step (default: the model's).")]
-CandidatesOpt = Annotated[int, typer.Option("--candidates", "-c", min=1, help="Greedy answers: complete this many candidates (one from each of the likeliest first tokens) and give the likeliest whole answer; 1 = plain greedy, streamed as generated.")]
-BlockOpt = Annotated[Optional[int], typer.Option("--block-size", min=2, help="Tokens per block (only for models not trained with landmarks).")]
+ModelOpt = Annotated[Optional[str], typer.Option("--model", "-m", help="Manifest name (see `lmqa models list`), hf:ORG/NAME[@REV], Hugging Face or `lmqa train` directory, or .gguf file. Default: the shipped landmark model.", envvar="LMQA_MODEL")]
+QuantOpt = Annotated[str, typer.Option("--quantize", "-q", help="Weights: none, int8 or nf4 (bitsandbytes).", envvar="LMQA_QUANTIZE")]
+DeviceOpt = Annotated[str, typer.Option("--device", help="auto, cpu or cuda.", envvar="LMQA_DEVICE")]
+OffloadOpt = Annotated[str, typer.Option("--kv-offload", help="Where block keys/values live: cpu (host memory), device, or auto (on the GPU while they fit --max-gpu-memory, else host memory; host memory on a CPU).", envvar="LMQA_KV_OFFLOAD")]
+PrefillOpt = Annotated[str, typer.Option("--prefill", help="layer (whole input one layer at a time: fast) or serial (chunk by chunk through all layers: the reference).", envvar="LMQA_PREFILL")]
+MaxGpuOpt = Annotated[str, typer.Option("--max-gpu-memory", help="With --kv-offload auto: GPU memory block keys/values may take (e.g. 20GiB); auto = half the GPU memory free at start.", envvar="LMQA_MAX_GPU_MEMORY")]
+TopKOpt = Annotated[Optional[int], typer.Option("--top-k", "-k", min=1, help="Blocks retrieved per head and step (default: the model's).", envvar="LMQA_TOP_K")]
+CandidatesOpt = Annotated[int, typer.Option("--candidates", "-c", min=1, help="Greedy answers: complete this many candidates (one from each of the likeliest first tokens) and give the likeliest whole answer; 1 = plain greedy, streamed as generated.", envvar="LMQA_CANDIDATES")]
+BlockOpt = Annotated[Optional[int], typer.Option("--block-size", min=2, help="Tokens per block (only for models not trained with landmarks).", envvar="LMQA_BLOCK_SIZE")]
 
 
 def _load(model, quantize, device, top_k, block_size):
@@ -341,11 +341,7 @@ def _ingest(path: Path, include: list[str], exclude: list[str], keep_boilerplate
     return document
 
 
-# A question is fed after the document like any text, but one longer than this
-# is a document pasted in the wrong place (and minutes of prefill on a CPU).
-MAX_QUESTION_CHARS = 20_000
-
-KvDtypeOpt = Annotated[Optional[str], typer.Option("--kv-dtype", help="How block keys/values are kept on the host: fp32, fp16, bf16 or int8 (default: the model's dtype; a context file keeps its own).")]
+KvDtypeOpt = Annotated[Optional[str], typer.Option("--kv-dtype", help="How block keys/values are kept on the host: fp32, fp16, bf16 or int8 (default: the model's dtype; a context file keeps its own).", envvar="LMQA_KV_DTYPE")]
 
 
 def _kv_dtype(name: Optional[str]):
@@ -357,9 +353,11 @@ def _kv_dtype(name: Optional[str]):
         raise UserError(f"--kv-dtype: {e}") from None
 
 
-def _open_context(path: Path, model, quantize, device, kv_offload, top_k, block_size, kv_dtype: Optional[str]):
+def _open_context(path: Path, model, quantize, device, kv_offload, top_k, block_size, kv_dtype: Optional[str],
+                  loader=_load):
     """A DocumentSession from a context file, with the model it was made with
-    unless --model names another (which it must then match)."""
+    unless --model names another (which it must then match). loader: how
+    the model is loaded (`lmqa serve` shares one among its contexts)."""
     from lmqa.qa.context_file import ContextError, load, peek
 
     try:
@@ -367,7 +365,7 @@ def _open_context(path: Path, model, quantize, device, kv_offload, top_k, block_
         if _kv_dtype(kv_dtype) is not None and kv_dtype != info.kv_dtype:
             raise UserError(f"{path} keeps its keys/values in {info.kv_dtype}; --kv-dtype {kv_dtype} applies "
                             f"when ingesting: run `lmqa ingest` again with it")
-        loaded = _load(model or info.model.name, quantize, device, top_k, block_size or info.settings.get("block_size"))
+        loaded = loader(model or info.model.name, quantize, device, top_k, block_size or info.settings.get("block_size"))
         _check_offload(kv_offload)
         with err.status("opening the context"):
             # auto: blocks are read in place from the file's map (host memory), never copied whole to a GPU
@@ -385,11 +383,11 @@ ExcludeOpt = Annotated[Optional[list[str]], typer.Option("--exclude", help="Code
 BoilerplateOpt = Annotated[bool, typer.Option("--keep-boilerplate", help="Text files: keep a Project Gutenberg header and licence (cut by default: they are no part of the book, and their text would win answers).")]
 QuoteOpt = Annotated[bool, typer.Option("--quote/--no-quote", help="Documents: hold the answer to a verbatim passage of the document (as the default model is trained to answer: no invented details), or let the model use its own words. Codebase answers are never held.")]
 SeedOpt = Annotated[Optional[int], typer.Option("--seed", help="Random seed for sampling (with --temperature above 0).")]
-MaxMemoryOpt = Annotated[str, typer.Option("--max-memory", help="Key/value memory to use (e.g. 4GiB, 512M; auto = 80% of the free memory where blocks live). A document whose cache exceeds it is read through a temporary file on disk; ingest always streams to its file.")]
+MaxMemoryOpt = Annotated[str, typer.Option("--max-memory", help="Key/value memory to use (e.g. 4GiB, 512M; auto = 80% of the free memory where blocks live). A document whose cache exceeds it is read through a temporary file on disk; ingest always streams to its file.", envvar="LMQA_MAX_MEMORY")]
 
 
 def _prepared_session(path: Path, include, exclude, max_memory: str, model, quantize, device, kv_offload, top_k,
-                      block_size, kv_dtype=None, keep_boilerplate: bool = False):
+                      block_size, kv_dtype=None, keep_boilerplate: bool = False, loader=_load):
     """A new DocumentSession for a document, tokenized and sized (tokens and
     estimated key/value cache, printed); returns it with the memory budget."""
     from lmqa.engine.memory_budget import budget, format_size, parse_budget
@@ -401,7 +399,7 @@ def _prepared_session(path: Path, include, exclude, max_memory: str, model, quan
         raise UserError(f"--max-memory: {e}") from None
     document = _ingest(path, include or [], exclude or [], keep_boilerplate)
     kind = "codebase" if path.is_dir() else "document"
-    loaded = _load(model, quantize, device, top_k, block_size)
+    loaded = loader(model, quantize, device, top_k, block_size)
     engine = _engine(loaded, kv_offload, kv_dtype)
     session = DocumentSession(loaded, engine, document, kind)
     with err.status("tokenizing"):
@@ -424,7 +422,7 @@ def _over_budget(session, need: int, allowed: int) -> UserError:
 
 
 def _read_session(path: Path, include, exclude, max_memory: str, model, quantize, device, kv_offload, top_k,
-                  block_size, kv_dtype=None, keep_boilerplate: bool = False):
+                  block_size, kv_dtype=None, keep_boilerplate: bool = False, loader=_load):
     """Read a document into a new DocumentSession with a progress bar: in
     memory when its estimated cache fits the budget, else spilled to a
     temporary context file (see context_stream.py)."""
@@ -432,7 +430,7 @@ def _read_session(path: Path, include, exclude, max_memory: str, model, quantize
     from lmqa.model.loading import CACHE_DIR
 
     session, allowed = _prepared_session(path, include, exclude, max_memory, model, quantize, device, kv_offload,
-                                         top_k, block_size, kv_dtype, keep_boilerplate)
+                                         top_k, block_size, kv_dtype, keep_boilerplate, loader)
     need = session.cache_bytes()
     piece_bytes = fitting_piece_bytes(session, allowed) if session.engine.offload == "cpu" else None  # device blocks stay put
     if need > allowed and piece_bytes is None:
@@ -456,14 +454,14 @@ def _read_session(path: Path, include, exclude, max_memory: str, model, quantize
 
 
 def _session(path: Path, include, exclude, max_memory: str, model, quantize, device, kv_offload, top_k,
-             block_size, kv_dtype: Optional[str], keep_boilerplate: bool = False):
-    """A DocumentSession for ask and chat: opened from a context file, or read from the document."""
+             block_size, kv_dtype: Optional[str], keep_boilerplate: bool = False, loader=_load):
+    """A DocumentSession for ask, chat and serve: opened from a context file, or read from the document."""
     from lmqa.qa.context_file import is_context_file
 
     if is_context_file(path):
-        return _open_context(path, model, quantize, device, kv_offload, top_k, block_size, kv_dtype)
+        return _open_context(path, model, quantize, device, kv_offload, top_k, block_size, kv_dtype, loader)
     return _read_session(path, include, exclude, max_memory, model, quantize, device, kv_offload, top_k,
-                         block_size, _kv_dtype(kv_dtype), keep_boilerplate)
+                         block_size, _kv_dtype(kv_dtype), keep_boilerplate, loader)
 
 
 @app.command()
@@ -489,13 +487,12 @@ def ask(
     from lmqa.qa.evidence import passages
     from lmqa.engine.generation import SamplingConfig, StreamDecoder
     from lmqa.qa.retrieval_summary import render_evidence, summarize
+    from lmqa.qa.questions import question_problem
     from lmqa.qa.trace_export import result, trace as trace_of, write_json
 
-    if not question.strip():
-        raise UserError("the question is empty")
-    if len(question) > MAX_QUESTION_CHARS:
-        raise UserError(f"the question is {len(question):,} characters long, over the limit of {MAX_QUESTION_CHARS:,}: "
-                        f"put long text in the document and ask about it")
+    problem = question_problem(question)
+    if problem:
+        raise UserError(problem)
     _output_path(trace, "--trace")
     _output_path(plot, "--plot")
     _engine_settings(prefill, max_gpu_memory)
