@@ -44,6 +44,16 @@ def session(loaded, doc_path):
     return s
 
 
+@pytest.fixture
+def default_sigint():
+    """Python's default SIGINT handler for the test, restored after: a run
+    started with SIGINT ignored (a background job of a non-interactive shell,
+    nohup) has none, as Python installs it only over the default disposition."""
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, before)
+
+
 def chat_run(session, lines, max_new_tokens=4, keep=False):
     """Run the REPL over scripted lines; returns (chat, stdout, stderr)."""
     out, err = io.StringIO(), io.StringIO()
@@ -122,7 +132,7 @@ def test_ctrl_c_stops_the_answer_and_keeps_the_session(session):
     assert session.ask("What is the pass key?", greedy).token_ids == want.token_ids
 
 
-def test_real_sigint_while_streaming_stops_the_answer(session):
+def test_real_sigint_while_streaming_stops_the_answer(session, default_sigint):
     """A real SIGINT (what the terminal sends on Ctrl-C) during an answer: the
     answer stops, the REPL goes on to the next line, the engine is back at the
     document and Python's default handler is back once the REPL ends."""
@@ -155,7 +165,7 @@ def test_real_sigint_while_streaming_stops_the_answer(session):
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 
-def test_plain_reader_never_loses_a_ctrl_c():
+def test_plain_reader_never_loses_a_ctrl_c(default_sigint):
     """The race behind issue 14: a SIGINT that lands before the read begins.
     input() would block in read() until the next Enter (and then drop the
     line); the plain reader raises KeyboardInterrupt at once, even with input
