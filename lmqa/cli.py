@@ -239,7 +239,7 @@ def eval_command(
     lengths: Annotated[str, typer.Option("--lengths", help="Comma-separated prompt lengths in tokens (needle and passkey tasks).")] = "4000,32000",
     depths: Annotated[str, typer.Option("--depths", help="Comma-separated depths of the fact, in percent of the document.")] = "0,25,50,75,100",
     trials: Annotated[int, typer.Option("--trials", "-t", min=1, help="Trials per length and depth.")] = 2,
-    tasks: Annotated[str, typer.Option("--tasks", help="Comma-separated: needle (fact QA in eval books), passkey, code (which file defines a function).")] = "needle,passkey,code",
+    tasks: Annotated[str, typer.Option("--tasks", help="Comma-separated: needle (fact QA in eval books), passkey, code (which file defines a function), bookqa (reader's questions on whole held-out books; not in the default).")] = "needle,passkey,code",
     seed: Annotated[int, typer.Option("--seed", help="Random seed for haystacks, needles, keys and placements (decoding is greedy).")] = 0,
     out: Annotated[Path, typer.Option("--out", "-o", help="Directory for eval.json (every trial), eval.txt (the table) and eval.png (the heatmap).")] = Path("lmqa-eval"),
     books: Annotated[Optional[Path], typer.Option("--books", help="Evaluation books (*.txt) for the needle haystacks (default: shared/books/eval of the repository).")] = None,
@@ -250,6 +250,9 @@ def eval_command(
     max_full: Annotated[int, typer.Option("--max-full", min=0, help="Run the full-attention baseline only on prompts up to this many tokens.")] = 8192,
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", "-n", min=1, help="Longest answer, in tokens.")] = 64,
     candidates: CandidatesOpt = 4,
+    bookqa_dir: Annotated[Optional[Path], typer.Option("--bookqa-dir", help="Where the bookqa books are (default: shared/books/train of the repository).")] = None,
+    bookqa_books: Annotated[Optional[str], typer.Option("--bookqa-books", help="Comma-separated bookqa books (file names or stems) to ask about (default: all).")] = None,
+    bookqa_limit: Annotated[Optional[int], typer.Option("--bookqa-limit", min=1, help="Ask only the first N bookqa questions of each book.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the JSON result (summary and every trial) and nothing else on stdout.")] = False,
     model: ModelOpt = None, quantize: QuantOpt = "none", device: DeviceOpt = "auto",
     kv_offload: OffloadOpt = "auto", top_k: TopKOpt = None,
@@ -266,18 +269,21 @@ def eval_command(
         raise UserError(f"--lengths must be comma-separated integers, not {lengths!r}") from None
     if not sizes or min(sizes) < 256:
         raise UserError("--lengths needs lengths of at least 256 tokens")
-    if not chosen or set(chosen) - set(TASKS):
-        raise UserError(f"--tasks must name some of {', '.join(TASKS)}, not {tasks!r}")
+    if not chosen or set(chosen) - set(TASKS) - {"bookqa"}:
+        raise UserError(f"--tasks must name some of {', '.join(TASKS)}, bookqa, not {tasks!r}")
+    grid = tuple(t for t in chosen if t != "bookqa")  # the tasks with lengths and depths
     _output_path(out, "--out")
     try:
         depth_values = parse_depths(depths)
         book_texts = read_books(books_dir(books)) if "needle" in chosen else []
         loaded = _load(model, quantize, device, top_k, None)
         engine = _engine(loaded, kv_offload)
-        base = _load(baseline_model, quantize, device, None, None) if baselines and chosen != ("passkey",) else None
+        base = _load(baseline_model, quantize, device, None, None) if baselines and grid not in ((), ("passkey",)) else None
         window = base.model.config.max_position_embeddings if base is not None else 0
-        settings = Settings(sizes, depth_values, trials, seed, chosen, max_new_tokens, candidates, max_full, window,
+        settings = Settings(sizes, depth_values, trials, seed, grid, max_new_tokens, candidates, max_full, window,
                             code_tokens)
+        books_data = _bookqa(loaded, engine, out, bookqa_dir, bookqa_books, bookqa_limit, max_new_tokens,
+                             candidates, as_json) if "bookqa" in chosen else None
         code_tree = read_code(code or CODE, loaded.tokenizer, code_tokens) if "code" in chosen else None
         evaluator = Evaluator(loaded, engine, settings, book_texts, load_needles(), base, code_tree)
         progress, evaluator.progress = _prefill_bar(evaluator.positions(), "eval")
@@ -297,9 +303,15 @@ def eval_command(
             err.print(f"[yellow]interrupted:[/yellow] reporting the {len(done)} trials done")
     except EvalError as e:
         raise UserError(str(e)) from None
+    if not grid:
+        if as_json:
+            print(json.dumps({"bookqa": books_data}, ensure_ascii=False))
+        return
     rows = summarize(done)
     title = f"lmqa eval: {loaded.name}, k={loaded.landmark.top_k}, b={loaded.landmark.block_size}, seed {seed}"
     data = report(settings, done, loaded.name, base.name if base is not None else None)
+    if books_data is not None:
+        data["bookqa"] = books_data
     try:
         paths = write_outputs(out, data, rows, title)
     except OSError as e:
@@ -309,6 +321,46 @@ def eval_command(
     else:
         console.print(table(rows, title))
     err.print(f"[dim]wrote {escape(', '.join(map(str, paths.values())))}[/dim]", soft_wrap=True)
+
+
+def _bookqa(loaded, engine, out: Path, directory: Optional[Path], books: Optional[str], limit: Optional[int],
+            max_new_tokens: int, candidates: int, as_json: bool) -> dict:
+    """`lmqa eval --tasks bookqa`: every chosen book read whole (its context
+    kept in OUT/contexts, so a rerun skips the prefill) and asked its
+    questions; the table printed (unless --json) and OUT/bookqa.json written."""
+    from lmqa.engine.generation import SamplingConfig
+    from lmqa.evaluation import bookqa
+    from lmqa.evaluation.tasks import books_dir
+    from lmqa.qa.trace_export import write_json
+
+    names = [b.strip() for b in books.split(",") if b.strip()] if books is not None else None
+    questions = bookqa.select(bookqa.load_questions(), names, limit)
+    folder = books_dir(directory, bookqa.BOOKS, "--bookqa-dir")
+    sampling = SamplingConfig(max_new_tokens=max_new_tokens, candidates=candidates)
+    runs = []
+
+    def said(r) -> None:
+        err.print(f"[dim]bookqa {escape(r.book)}: {'ok' if r.correct else 'wrong'}, evidence "
+                  f"{'hit' if r.evidence_hit else 'missed'}, BM25 {'ok' if r.bm25_correct else 'wrong'} in "
+                  f"{r.seconds:.1f} s: {escape(r.question)!r} -> {escape(r.answer[:70])!r}[/dim]",
+                  soft_wrap=True, highlight=False)
+
+    for book in dict.fromkeys(q.book for q in questions):
+        path = folder / book
+        if not path.is_file():
+            raise UserError(f"{path}: no such book; pass --bookqa-dir DIR")
+        runs.append(bookqa.run_book(path, [q for q in questions if q.book == book], loaded, engine, out / "contexts",
+                                    sampling, lambda total: _prefill_bar(total, f"reading {book}"), said))
+    data = bookqa.report(runs, loaded.name, sampling)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        write_json(out / "bookqa.json", data)
+    except OSError as e:
+        raise UserError(f"{out}: could not write the results ({e.strerror or e})") from None
+    if not as_json:
+        console.print(bookqa.table(data["summary"], f"lmqa eval bookqa: {loaded.name}, {sampling.candidates} candidates"))
+    err.print(f"[dim]wrote {escape(str(out / 'bookqa.json'))}[/dim]", soft_wrap=True)
+    return data
 
 
 # ----- ask -----

@@ -75,22 +75,23 @@ def is_correct(answer: str, accepted: tuple[str, ...] | list[str]) -> bool:
     boundary; one ending in a digit must end at one too (11 is not in 1911,
     but "frog" is in "frogs"). Only the model's own answer counts: from a
     line that starts a new "Question:" on (the model writing the next turn
-    itself, which may repeat the answer) the text is cut."""
-    text = re.split(r"\n\s*Question:", answer, maxsplit=1)[0].lower()
+    itself, which may repeat the answer) the text is cut. A run of
+    whitespace counts as one space (a quoted answer may wrap a line)."""
+    text = " ".join(re.split(r"\n\s*Question:", answer, maxsplit=1)[0].split()).lower()
     for a in accepted:
         tail = r"(?!\d)" if a[-1:].isdigit() else ""
-        if re.search(r"(?<!\w)" + re.escape(a.lower()) + tail, text):
+        if re.search(r"(?<!\w)" + re.escape(" ".join(a.split()).lower()) + tail, text):
             return True
     return False
 
 
-def books_dir(path: Path | None) -> Path:
-    """--books, or shared/books/eval beside or above the repository."""
-    candidates = [path] if path is not None else [ROOT / BOOKS, ROOT.parent / BOOKS]
+def books_dir(path: Path | None, default: Path = BOOKS, flag: str = "--books") -> Path:
+    """path (the option flag), or default (shared/books/eval) beside or above the repository."""
+    candidates = [path] if path is not None else [ROOT / default, ROOT.parent / default]
     for candidate in candidates:
         if candidate.is_dir() and any(candidate.glob("*.txt")):
             return candidate
-    raise EvalError(f"no evaluation books (*.txt) in {' or '.join(map(str, candidates))}; pass --books DIR")
+    raise EvalError(f"no evaluation books (*.txt) in {' or '.join(map(str, candidates))}; pass {flag} DIR")
 
 
 def read_books(directory: Path) -> list[str]:
