@@ -1,5 +1,5 @@
 """Fused landmark scoring (lmqa/engine/landmark_scoring.py) against the plain
-path it replaces on CUDA (the s_old matmul + layer_prefill._best_rows), on
+path it replaces on CUDA (the s_old matmul + landmark_scoring.plain_best_rows), on
 CPU through Triton's interpreter.
 
 Triton picks the interpreter or the compiler when a kernel is defined, its
@@ -28,9 +28,9 @@ import triton.language as tl  # noqa: E402
 from triton.runtime import interpreter  # noqa: E402
 
 from lmqa.engine import landmark_scoring  # noqa: E402
-from lmqa.engine.landmark_engine import LandmarkEngine, top_blocks  # noqa: E402
+from lmqa.engine.landmark_engine import LandmarkEngine  # noqa: E402
 from lmqa.engine.landmarks import LandmarkConfig  # noqa: E402
-from lmqa.engine.layer_prefill import _best_rows  # noqa: E402
+from lmqa.engine.retrieval import top_blocks  # noqa: E402
 
 from conftest import make_tiny_llama  # noqa: E402
 
@@ -100,7 +100,7 @@ def random_case(B, Hkv, G, W, d, n_old, k, limits, dtype, seed):
 def plain(qg, lm_old, s_recent, old_limit, recent_missing, rows, scale):
     s_old = qg @ lm_old.transpose(-1, -2)  # [B, Hkv, G*W, n_old]
     too_recent = torch.arange(lm_old.shape[1], device=qg.device) >= old_limit[:, None]
-    return _best_rows(s_old, s_recent.clone(), too_recent, recent_missing, rows, scale)
+    return landmark_scoring.plain_best_rows(s_old, s_recent.clone(), too_recent, recent_missing, rows, scale)
 
 
 def fused(device, case, scale):

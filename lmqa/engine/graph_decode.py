@@ -26,12 +26,18 @@ serial engine on CPU, and the captured form on CUDA.
 from __future__ import annotations
 
 import warnings
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 
 from .grouped_attention import grouped_attention_inference
-from .landmark_engine import LandmarkEngine, RetrievalStep, landmark_probs, rotate, top_blocks
+from .landmarks import forbid_landmark
+from .positions import RopeTables, landmark_slot, rotate
+from .retrieval import RetrievalStep, landmark_probs, top_blocks
+
+if TYPE_CHECKING:
+    from .landmark_engine import LandmarkEngine
 
 
 class GraphDecoder:
@@ -55,18 +61,7 @@ class GraphDecoder:
         # each retrieved and the open block's slots' share of the query's attention, for answer evidence
         self.slot_probs = torch.zeros(L, e.n_kv, e.n_heads // e.n_kv, k + 1, S, device=dev)  # [L, Hkv, G, k+1, S]
         self.logits = torch.zeros(e.model.lm_head.out_features, device=dev)
-        self.is_landmark = torch.arange(self.logits.shape[0], device=dev) == cfg.landmark_id
-        h = e.llama.embed_tokens.weight[:1]
-
-        def table(pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-            cos, sin = e.llama.rotary_emb(h, pos[None])
-            return cos[0].to(e.dtype), sin[0].to(e.dtype)
-
-        slots = (k + 1) * S
-        self.window = table(torch.arange(slots, slots + S, device=dev))  # [S, d]
-        cos, sin = table(torch.arange(S, slots, device=dev))
-        self.retrieved = (cos.view(k, S, -1), sin.view(k, S, -1))  # slots 1..k
-        self.landmark_slots = table(torch.arange(k + 1, device=dev) * S + cfg.block_size)  # [k+1, d], by slot
+        self.rope = RopeTables.build(e.llama.rotary_emb, e.llama.embed_tokens.weight[:1], e.dtype, cfg, S)
         self.graph = None
         self.broken = False  # capture failed: the engine decodes eagerly
         self.buffers = None  # the store buffers the graph was captured on
@@ -138,9 +133,8 @@ class GraphDecoder:
         block = torch.arange(cap, device=e.device)
         recency = self.n - 1 - block
         valid = recency >= 0  # [cap]
-        slot = torch.where(valid & (recency < k), k - recency, torch.zeros_like(recency))  # section 3.2.1
-        lm_cos, lm_sin = (t[slot] for t in self.landmark_slots)  # [cap, d]
-        q_cos, q_sin = (t[self.p] for t in self.window)  # [1, d]
+        lm_cos, lm_sin = (t[landmark_slot(recency, k)] for t in self.rope.landmarks)  # [cap, d]
+        q_cos, q_sin = (t[self.p] for t in self.rope.window)  # [1, d]
         h = e.llama.embed_tokens(self.token)  # [1, 1, D]
         for li, layer in enumerate(e.llama.layers):
             attn, store = layer.self_attn, e.stores[li]
@@ -161,9 +155,9 @@ class GraphDecoder:
             heads = torch.arange(Hkv, device=e.device)[:, None]
             rk, rv = store.keys.codes.data[ids, heads], store.values.codes.data[ids, heads]  # [Hkv, k, b, d]
             rlm = store.landmark_keys.data[ids, heads]  # [Hkv, k, d]
-            blocks_k = rotate(torch.cat([rk, rlm[:, :, None]], dim=2), *self.retrieved)
+            blocks_k = rotate(torch.cat([rk, rlm[:, :, None]], dim=2), *self.rope.blocks)
             blocks_v = F.pad(rv, (0, 0, 0, 1))
-            win_k = rotate(self.open_k[li][0], *self.window)  # [Hkv, S, d]
+            win_k = rotate(self.open_k[li][0], *self.rope.window)  # [Hkv, S, d]
             keys = torch.cat([blocks_k, win_k[:, None]], dim=1)[None]  # [1, Hkv, k + 1, S, d]
             values = torch.cat([blocks_v, self.open_v[li][0][:, None]], dim=1)[None]
             out, probs = grouped_attention_inference(q, keys, values, self.q_block, self.p, slot_probs=True)
@@ -172,4 +166,4 @@ class GraphDecoder:
             h = h + attn.o_proj(out)
             h = h + layer.mlp(layer.post_attention_layernorm(h))
         logits = e.model.lm_head(e.llama.norm(h[:, 0]))[0].float()
-        self.logits.copy_(logits.masked_fill_(self.is_landmark, float("-inf")))
+        self.logits.copy_(forbid_landmark(logits, cfg.landmark_id))

@@ -5,94 +5,27 @@ We run our own layer loop over a transformers LlamaForCausalLM and call its
 submodules (norms, projections, MLP), so bitsandbytes layers and peft adapters
 work unchanged; only attention is ours.
 
-Positions (section 3.2.1): every step's window (the open block followed by
-the new tokens) starts right after k + 1 block-sized slots. Retrieved blocks
-take the last of those slots, in their original order, so when every stored
-block is retrieved relative distances equal those of the unchunked sequence.
-For scoring, the k most recent landmarks keep their own slot and all older
-ones share the oldest.
+Where keys and queries sit (section 3.2.1) is positions.py's rule; how
+blocks are chosen and what was read, retrieval.py's.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
-from transformers.models.llama.modeling_llama import rotate_half
 
 from .block_store import LayerBlockStore
-from .grouped_attention import LOG2_E, blockwise_grouped_attention, grouped_attention_inference
-from .landmarks import LandmarkConfig, insert_landmarks
-
-
-def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """RoPE: x [..., P, d] with cos/sin broadcastable to it."""
-    return x * cos + rotate_half(x) * sin
-
-
-def top_blocks(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The k best blocks of scores [..., n] (last dim: block id) as ids in
-    ascending order [..., k], with their scores.
-
-    Ties go to the more recent block. They are common: at layer 0 every
-    landmark key is the landmark embedding's, so all landmarks sharing the
-    oldest slot score alike, and topk's own choice among them differs
-    between devices and tensor sizes (and so between prefill paths).
-    """
-    # One int64 key per block orders by score, then by id: the float's bits
-    # as an order-preserving int32 (negatives flipped) above the block id.
-    # A top-k over unique keys needs no full stable sort (8x faster at 16k blocks).
-    bits = (scores.float() + 0.0).contiguous().view(torch.int32)  # + 0.0: -0.0 ties with 0.0
-    bits = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits).long()
-    key = (bits << 32) + torch.arange(scores.shape[-1], device=scores.device)
-    best = _largest_by_max(key, k) if scores.is_cuda else key.topk(k, dim=-1).values
-    ids = (best & 0xFFFFFFFF).sort(dim=-1).values
-    return ids, scores.gather(-1, ids)
-
-
-def _largest_by_max(key: torch.Tensor, k: int) -> torch.Tensor:
-    """key.topk(k).values (unordered) for unique keys, as k max-reductions: on
-    a GPU, a 64-bit topk over 16,000 landmarks takes ~150 us (a third of a
-    decoding step at a million tokens), k small reductions a fraction."""
-    key = key.clone()
-    out = []
-    for _ in range(k):
-        top = key.amax(dim=-1, keepdim=True)
-        out.append(top)
-        key.masked_fill_(key == top, torch.iinfo(torch.int64).min)
-    return torch.cat(out, dim=-1)
-
-
-def landmark_probs(qg: torch.Tensor, landmarks: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
-    """Softmax over blocks of q . landmark / sqrt(d), in float32: qg [Hkv, R, d]
-    (a key/value head's query rows), landmarks [Hkv, n, d] (rotated) ->
-    [Hkv, R, n]; valid [n]: blocks to include (the rest get 0). The one pass
-    over every (query, stored block) pair, so at a million tokens it bounds a
-    CPU's prefill: the exponent is taken as exp2, about 3x faster than exp
-    there, and the buffer is reused in place."""
-    d = qg.shape[-1]
-    scores = (qg @ landmarks.transpose(-1, -2)).float().mul_(LOG2_E / d**0.5)  # base-2 logits
-    if valid is not None:
-        scores.masked_fill_(~valid, float("-inf"))
-    scores.sub_(scores.amax(dim=-1, keepdim=True)).exp2_()
-    return scores.div_(scores.sum(dim=-1, keepdim=True))
-
-
-@dataclass
-class RetrievalStep:
-    """What every layer and key/value head retrieved for one step."""
-
-    kind: str  # "chunk" or "token"
-    position: int  # ordinary tokens consumed before this step
-    block_ids: torch.Tensor  # [layers, Hkv, r] long
-    scores: torch.Tensor  # [layers, Hkv, r] float: softmax over blocks, max over queries
-
-
-@dataclass
-class RetrievalTrace:
-    steps: list[RetrievalStep] = field(default_factory=list)
+from .graph_decode import GraphDecoder
+from .grouped_attention import blockwise_grouped_attention, grouped_attention_inference
+from .landmarks import LandmarkConfig, forbid_landmark, insert_landmarks
+from .layer_prefill import PrefillBudget
+from .layer_prefill import feed as layer_major_feed
+from .offload import AutoOffload
+from .positions import RopeTables, landmark_slot, rotate
+from .retrieval import RetrievalStep, RetrievalTrace, landmark_probs, top_blocks
 
 
 class Mark(NamedTuple):
@@ -132,10 +65,6 @@ class LandmarkEngine:
         its budget). prefill: how multi-token feeds run: "layer" (layer-major,
         layer_prefill.py) or "serial" (chunk by chunk through every layer: the
         reference, and the path any feed shorter than a prefill chunk takes)."""
-        from .graph_decode import GraphDecoder
-        from .layer_prefill import PrefillBudget
-        from .offload import AutoOffload
-
         if prefill not in ("layer", "serial"):
             raise ValueError(f"prefill must be 'layer' or 'serial', not {prefill!r}")
         self.model = model
@@ -226,9 +155,7 @@ class LandmarkEngine:
         # Shorter than a prefill chunk (a question, a chat turn), a feed is one
         # chunk either way: serially, it skips compiling layer-major kernels on CUDA.
         if self.prefill == "layer" and len(ids) >= self.config.prefill_chunk:
-            from .layer_prefill import feed
-
-            return feed(self, ids, progress)
+            return layer_major_feed(self, ids, progress)
         cfg = self.config
         stream = insert_landmarks(ids, cfg.block_size, cfg.landmark_id, filled=self.open_len)
         if self.decoder is not None and self.decoder.can_step(stream):
@@ -256,21 +183,17 @@ class LandmarkEngine:
 
     def _step(self, piece: list[int], logits_at: int | None) -> torch.Tensor | None:
         cfg = self.config
-        S, b, k = cfg.slot, cfg.block_size, cfg.top_k
+        S, k = cfg.slot, cfg.top_k
         ids = torch.tensor(piece, device=self.device)[None]
         T, p = ids.shape[1], self.open_len
         W = p + T
         h = self.llama.embed_tokens(ids)
-        slots = (k + 1) * S
-        window_pos = torch.arange(slots, slots + W, device=self.device)
-        slot_pos = torch.arange(slots, device=self.device)
-        cos_w, sin_w = self.llama.rotary_emb(h, window_pos[None])
-        cos_s, sin_s = self.llama.rotary_emb(h, slot_pos[None])
-        cos_w, sin_w, cos_s, sin_s = (t.to(self.dtype)[0] for t in (cos_w, sin_w, cos_s, sin_s))
+        rope = RopeTables.build(self.llama.rotary_emb, h, self.dtype, cfg, W)
+        cos_w, sin_w = rope.window
         n_win_blocks = -(-W // S)
         win_valid = (torch.arange(n_win_blocks * S, device=self.device) < W).view(n_win_blocks, S)
         q_idx = torch.arange(p, W, device=self.device)
-        landmark_rope = self._landmark_rope(h)
+        landmark_rope = self._landmark_rope(rope)
         # Evidence (set for short feeds only: a question, answer tokens): every ordinary token's query.
         evidence_rows = [i for i, t in enumerate(piece) if t != cfg.landmark_id] if self.evidence is not None else []
 
@@ -292,7 +215,7 @@ class LandmarkEngine:
                 rk, rv, rlm = store.gather(ids_r)  # [Hkv, r, b, d], [Hkv, r, d]
                 blocks_k = torch.cat([rk, rlm[:, :, None]], dim=2)
                 blocks_v = F.pad(rv, (0, 0, 0, 1))
-                blocks_k = rotate(blocks_k, cos_s[slots - r * S :].view(r, S, -1), sin_s[slots - r * S :].view(r, S, -1))
+                blocks_k = rotate(blocks_k, *rope.retrieved(r))
                 step_ids.append(ids_r)
                 step_scores.append(scores_r)
             else:
@@ -331,19 +254,15 @@ class LandmarkEngine:
             return None
         last = self.llama.norm(h[:, logits_at])
         logits = self.model.lm_head(last)[0].float()
-        logits[self.config.landmark_id] = float("-inf")
-        return logits
+        return forbid_landmark(logits, self.config.landmark_id)
 
-    def _landmark_rope(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos/sin [n, d] for scoring the n stored landmarks (section 3.2.1): the
-        k most recent at their own slots, older ones sharing the oldest. Every
-        layer stores the same number of blocks, so one computation serves all."""
-        cfg = self.config
-        S, k = cfg.slot, cfg.top_k
+    def _landmark_rope(self, rope: RopeTables) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos/sin [n, d] for scoring the n stored landmarks, each at its slot
+        (positions.landmark_slot). Every layer stores the same number of
+        blocks, so one computation serves all."""
         recency = torch.arange(self.n_blocks - 1, -1, -1, device=self.device)
-        slot = torch.where(recency < k, k - recency, torch.zeros_like(recency))
-        cos, sin = self.llama.rotary_emb(h, (slot * S + cfg.block_size)[None])
-        return cos[0].to(self.dtype), sin[0].to(self.dtype)
+        slot = landmark_slot(recency, self.config.top_k)
+        return rope.landmarks[0][slot], rope.landmarks[1][slot]
 
     def _select(self, store: LayerBlockStore, q: torch.Tensor, r: int, cos: torch.Tensor,
                 sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

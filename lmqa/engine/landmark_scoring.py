@@ -3,9 +3,9 @@
 Why: _select_batched (layer_prefill.py) scores every chunk's query rows
 against every landmark stored before it. The plain form writes those scores
 as one tensor, s_old [B, Hkv, G*W, n_old] (B chunks, Hkv key/value heads, G
-query heads per key/value head, W window rows, n_old blocks), and _best_rows
-reads it back for a softmax over blocks and a max over rows. At a million
-tokens (16k blocks, ~5000 rows per chunk and key/value head) that is ~160 MB
+query heads per key/value head, W window rows, n_old blocks), and
+plain_best_rows (the reference, below) reads it back for a softmax over
+blocks and a max over rows. At a million tokens (16k blocks, ~5000 rows per chunk and key/value head) that is ~160 MB
 of bf16 per chunk and head, written and read twice at every layer: memory
 traffic, not arithmetic, bounds the prefill. Here two Triton kernels recompute the dot products
 instead of storing them (the FlashAttention trade):
@@ -13,7 +13,7 @@ instead of storing them (the FlashAttention trade):
   pass 1 (_lse_kernel): per (chunk, head, row), the logsumexp over the
     chunk's blocks g < old_limit[b] of q . lm_g / sqrt(d), an online
     max/sum over block tiles in float32 (exp2/log2 on log2(e)-scaled scores);
-  in torch: log-add the few recent landmarks' part, as _best_rows does, and
+  in torch: log-add the few recent landmarks' part, as plain_best_rows does, and
     set rows that are not the chunk's own queries to +inf;
   pass 2 (_best_kernel): per (chunk, head, block tile), the max over row
     tiles of q . lm_g / sqrt(d) - lse[row]; blocks at or past old_limit[b]
@@ -22,7 +22,7 @@ instead of storing them (the FlashAttention trade):
 Each dot product is rounded to the inputs' dtype before use, as the plain
 path's matmul output is (a no-op for float32; ROUND_SCORES), so both paths
 score alike and pick the same blocks but for near-ties. best_rows is the fused stand-in for
-`_best_rows(qg @ lm_old.mT, ...)`; usable() says when _select_batched may
+`plain_best_rows(qg @ lm_old.mT, ...)`; usable() says when _select_batched may
 call it (CUDA, Triton importable, a head size tl.dot takes, and a first small
 call that compiled and ran).
 """
@@ -156,13 +156,13 @@ if triton is not None:
 def best_rows(qg: torch.Tensor, lm_old: torch.Tensor, s_recent: torch.Tensor, old_limit: torch.Tensor,
               recent_missing: torch.Tensor, rows: torch.Tensor, scale: float,
               lse_tiles: Tiles | None = None, best_tiles: Tiles | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """_best_rows(qg @ lm_old.mT, s_recent, too_recent, recent_missing, rows, scale)
+    """plain_best_rows(qg @ lm_old.mT, s_recent, too_recent, recent_missing, rows, scale)
     without the [B, Hkv, G*W, n_old] score tensor.
 
     qg [B, Hkv, G*W, d] (the chunks' rotated queries, grouped by key/value
     head), lm_old [Hkv, n_old, d] (slot-0 landmark keys, same dtype),
     s_recent [B, Hkv, G*W, k] (raw recent scores; a float32 one is scaled
-    in place, as _best_rows does), old_limit [B] (block g counts for chunk b
+    in place, as plain_best_rows does), old_limit [B] (block g counts for chunk b
     iff g < old_limit[b], i.e. too_recent = arange(n_old) >= old_limit[:, None]),
     recent_missing [B, k], rows [B, 1, G*W] (the chunk's own queries).
     Returns float32 best_old [B, Hkv, n_old], recent_best [B, Hkv, k].
@@ -178,7 +178,7 @@ def best_rows(qg: torch.Tensor, lm_old: torch.Tensor, s_recent: torch.Tensor, ol
 def with_recent(lse_old: torch.Tensor, s_recent: torch.Tensor, recent_missing: torch.Tensor, rows: torch.Tensor,
                 scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     """The few recent landmarks' part, shared by the fused and the plain path
-    (_best_rows): s_recent [B, Hkv, G*W, k] raw scores (a float32 one is
+    (plain_best_rows): s_recent [B, Hkv, G*W, k] raw scores (a float32 one is
     scaled in place), log-added to the old blocks' lse_old [B, Hkv, G*W].
     Returns the rows' lse [B, Hkv, G*W, 1] (+inf for rows that are not the
     chunk's own: other chunks' rows and padding never win a max) and the
@@ -187,6 +187,25 @@ def with_recent(lse_old: torch.Tensor, s_recent: torch.Tensor, recent_missing: t
     lse = torch.logaddexp(lse_old, s_recent.logsumexp(-1))  # [B, Hkv, G*W]
     lse = lse.masked_fill_(~rows, float("inf"))[..., None]
     return lse, s_recent.sub_(lse).amax(2)
+
+
+def plain_best_rows(s_old: torch.Tensor, s_recent: torch.Tensor, too_recent: torch.Tensor,
+                    recent_missing: torch.Tensor, rows: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The reference best_rows replaces: raw landmark scores [B, Hkv, G*W, n_old]
+    and [B, Hkv, G*W, k] (model dtype) -> log of the serial engine's block
+    score: softmax over the chunk's blocks in float32, max over its rows;
+    [B, Hkv, n_old], [B, Hkv, k].
+
+    too_recent [B, n_old] / recent_missing [B, k]: blocks that are not the
+    chunk's; rows [B, 1, G*W]: the chunk's own queries. This is the one pass
+    over every (query, earlier block) pair, so at 1M tokens its memory
+    traffic bounds the prefill; layer_prefill runs it compiled on CUDA
+    (which fuses it into two reads of the matmul's output) where best_rows's
+    kernels (no stored scores at all) cannot take its place.
+    """
+    s_old = s_old.float().div_(scale).masked_fill_(too_recent[:, None, None], float("-inf"))
+    lse, recent_best = with_recent(s_old.logsumexp(-1), s_recent, recent_missing, rows, scale)
+    return s_old.sub_(lse).amax(2), recent_best
 
 
 def old_lse(qg: torch.Tensor, lm_old: torch.Tensor, old_limit: torch.Tensor, scale: float,
@@ -243,8 +262,6 @@ def _runs(device: torch.device, dtype: torch.dtype, d: int) -> bool:
     """Compile and run both kernels once on a small input against the plain
     path; on any failure (a GPU or Triton that cannot build them, a wrong
     result) warn once and keep the plain path."""
-    from .layer_prefill import _best_rows  # the reference (it imports this module)
-
     try:
         g = torch.Generator(device=device).manual_seed(0)
         B, Hkv, R, n, k = 3, 2, 40, 150, 2
@@ -255,7 +272,7 @@ def _runs(device: torch.device, dtype: torch.dtype, d: int) -> bool:
         rows = torch.arange(R, device=device).expand(B, 1, R) >= 3
         got = best_rows(qg, lm, s_recent.clone(), old_limit, missing, rows, d**0.5)
         too_recent = torch.arange(n, device=device) >= old_limit[:, None]
-        want = _best_rows(qg @ lm.transpose(-1, -2), s_recent.clone(), too_recent, missing, rows, d**0.5)
+        want = plain_best_rows(qg @ lm.transpose(-1, -2), s_recent.clone(), too_recent, missing, rows, d**0.5)
         for a, b in zip(got, want):
             torch.testing.assert_close(a, b, atol=0.1, rtol=0.02)  # -inf where the plain path has it, too
         return True

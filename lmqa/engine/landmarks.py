@@ -49,3 +49,11 @@ def insert_landmarks(ids: list[int] | torch.Tensor, block_size: int, landmark_id
             out.append(landmark_id)
             filled = 0
     return out
+
+
+def forbid_landmark(logits: torch.Tensor, landmark_id: int) -> torch.Tensor:
+    """logits [..., vocab] with the landmark token at -inf, in place: the
+    engine inserts landmarks itself, so a model never generates one. A view
+    filled with a constant, so it also runs inside a captured CUDA graph."""
+    logits.narrow(-1, landmark_id, 1).fill_(float("-inf"))
+    return logits

@@ -29,15 +29,19 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
-from typing import Callable, NamedTuple
+from typing import TYPE_CHECKING, Callable, NamedTuple
 
 import torch
 import torch.nn.functional as F
 
 from . import landmark_scoring
-from .landmark_engine import LandmarkEngine, RetrievalStep, landmark_probs, rotate, top_blocks
 from .grouped_attention import ScoreBuffers, grouped_attention_inference, last_block_attention
-from .landmarks import insert_landmarks
+from .landmarks import forbid_landmark, insert_landmarks
+from .positions import RopeTables, rotate, shared_slot_blocks
+from .retrieval import RetrievalStep, landmark_probs, top_blocks
+
+if TYPE_CHECKING:
+    from .landmark_engine import LandmarkEngine
 
 
 @dataclass(frozen=True)
@@ -57,7 +61,7 @@ class PrefillBudget:
     batched_scoring: score many chunks per call (_select_batched, a GPU
     wants few large calls) rather than one chunk's own query rows at a time
     (_select_per_chunk, a CPU's fewest passes over the scores);
-    compile: fuse the batched scoring with torch.compile (_best_rows).
+    compile: fuse the batched scoring with torch.compile (plain_best_rows).
     """
 
     positions: int
@@ -155,7 +159,7 @@ class _Layout:
         self.win_len = [p + c.length for c, p in zip(chunks, opens)]
         self.blocks_before = [n0 + a // S for a in self.win_start]
         self.r = [min(k, nb) for nb in self.blocks_before]
-        self.n_old = [max(nb - k, 0) for nb in self.blocks_before]  # landmarks scored at slot 0
+        self.n_old = [shared_slot_blocks(nb, k) for nb in self.blocks_before]  # landmarks scored at slot 0
         self.n_win_blocks = max(-(-w // S) for w in self.win_len)
         self.W = self.n_win_blocks * S  # window rows per chunk, padded
         C, W = len(chunks), self.W
@@ -182,31 +186,6 @@ class _Layout:
         self.row_offset = w % S
 
 
-class _Rope(NamedTuple):
-    """cos/sin tables shared by every layer of a super-chunk (model dtype)."""
-
-    window: tuple[torch.Tensor, torch.Tensor]  # [W, d]: window rows after k + 1 slots
-    slots: tuple[torch.Tensor, torch.Tensor]  # [k, S, d]: retrieved blocks in slots 1..k
-    old_landmarks: tuple[torch.Tensor, torch.Tensor]  # [d]: landmarks in slot 0
-    recent_landmarks: tuple[torch.Tensor, torch.Tensor]  # [k, d]: landmarks in slots 1..k
-
-
-def _rope(engine: LandmarkEngine, h: torch.Tensor, W: int) -> _Rope:
-    cfg, dev = engine.config, engine.device
-    S, k, b = cfg.slot, cfg.top_k, cfg.block_size
-
-    def table(pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        cos, sin = engine.llama.rotary_emb(h, pos[None])
-        return cos[0].to(engine.dtype), sin[0].to(engine.dtype)
-
-    slots = (k + 1) * S
-    window = table(torch.arange(slots, slots + W, device=dev))
-    cos_s, sin_s = table(torch.arange(S, slots, device=dev))
-    landmarks = table(torch.arange(k + 1, device=dev) * S + b)
-    return _Rope(window, (cos_s.view(k, S, -1), sin_s.view(k, S, -1)),
-                 (landmarks[0][0], landmarks[1][0]), (landmarks[0][1:], landmarks[1][1:]))
-
-
 @torch.inference_mode()
 def feed(engine: LandmarkEngine, ids: list[int], progress: Callable[[int], None] | None = None) -> torch.Tensor:
     """LandmarkEngine.feed, layer-major: same arguments, same result and state."""
@@ -229,7 +208,7 @@ def _super_chunk(engine: LandmarkEngine, stream: list[int], chunks: list[Chunk],
     cfg = engine.config
     layout = _Layout(engine, chunks, len(stream))
     h = engine.llama.embed_tokens(torch.tensor(stream, device=engine.device))  # [N, D]
-    rope = _rope(engine, h, layout.W)
+    rope = RopeTables.build(engine.llama.rotary_emb, h, engine.dtype, cfg, layout.W)
     layers = engine.llama.layers
     L, C, k = len(layers), len(chunks), cfg.top_k
     trace_ids = torch.empty(L, C, engine.n_kv, k, dtype=torch.long, device=engine.device)
@@ -246,11 +225,10 @@ def _super_chunk(engine: LandmarkEngine, stream: list[int], chunks: list[Chunk],
     if logits_at is None:
         return None
     logits = engine.model.lm_head(engine.llama.norm(h[logits_at : logits_at + 1]))[0].float()
-    logits[cfg.landmark_id] = float("-inf")
-    return logits
+    return forbid_landmark(logits, cfg.landmark_id)
 
 
-def _layer(engine: LandmarkEngine, li: int, layer, h: torch.Tensor, layout: _Layout, rope: _Rope,
+def _layer(engine: LandmarkEngine, li: int, layer, h: torch.Tensor, layout: _Layout, rope: RopeTables,
            ids_out: torch.Tensor, scores_out: torch.Tensor) -> torch.Tensor:
     """One decoder layer for every chunk of a super-chunk; stores the blocks
     it closes and advances the open block. Returns the new hidden states."""
@@ -298,16 +276,16 @@ def _layer(engine: LandmarkEngine, li: int, layer, h: torch.Tensor, layout: _Lay
     return h
 
 
-def _stored_landmarks(store, rope: _Rope) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _stored_landmarks(store, rope: RopeTables) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """What both selections score against: the layer's landmark keys
     [Hkv, n, d], the same rotated into slot 0 (where every landmark older than
     a chunk's k most recent sits), and which equal the first [Hkv, n] (layer 0,
     where all are the landmark embedding's, see _select_batched)."""
     lm = store.landmark_keys.view().transpose(0, 1)  # [Hkv, n, d]
-    return lm, rotate(lm, *rope.old_landmarks), (lm == lm[:, :1]).all(-1)
+    return lm, rotate(lm, *rope.shared_landmarks), (lm == lm[:, :1]).all(-1)
 
 
-def _select_per_chunk(engine: LandmarkEngine, store, q_win: torch.Tensor, layout: _Layout, rope: _Rope,
+def _select_per_chunk(engine: LandmarkEngine, store, q_win: torch.Tensor, layout: _Layout, rope: RopeTables,
                       budget: PrefillBudget) -> tuple[torch.Tensor, torch.Tensor]:
     """_select_batched's result, one chunk at a time: each chunk's own query
     rows (no masked rows) against exactly the blocks before it (no masked
@@ -341,7 +319,7 @@ def _select_per_chunk(engine: LandmarkEngine, store, q_win: torch.Tensor, layout
     return ids_out, scores_out
 
 
-def _select_batched(engine: LandmarkEngine, store, q_win: torch.Tensor, layout: _Layout, rope: _Rope,
+def _select_batched(engine: LandmarkEngine, store, q_win: torch.Tensor, layout: _Layout, rope: RopeTables,
                     budget: PrefillBudget) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-k blocks per chunk and key/value head, as the serial engine's _select
     scores them: softmax over the blocks before the chunk of q . landmark / sqrt(d),
@@ -352,7 +330,8 @@ def _select_batched(engine: LandmarkEngine, store, q_win: torch.Tensor, layout: 
     k most recent all sit in slot 0, so one rotation serves every chunk for
     them; the recent k are gathered and rotated per chunk. On CUDA with
     Triton, landmark_scoring.best_rows scores those old landmarks without
-    storing the scores; the matmul and _best_rows below are the reference.
+    storing the scores; the matmul and landmark_scoring.plain_best_rows are
+    the reference.
     """
     C, H, W, d = q_win.shape
     Hkv, k = engine.n_kv, layout.k
@@ -397,24 +376,6 @@ def _select_batched(engine: LandmarkEngine, store, q_win: torch.Tensor, layout: 
     return ids_out, scores_out
 
 
-def _best_rows(s_old: torch.Tensor, s_recent: torch.Tensor, too_recent: torch.Tensor, recent_missing: torch.Tensor,
-               rows: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Raw landmark scores [B, Hkv, G*W, n_old] and [B, Hkv, G*W, k] (model
-    dtype) -> log of the serial engine's block score: softmax over the chunk's
-    blocks in float32, max over its rows; [B, Hkv, n_old], [B, Hkv, k].
-
-    too_recent [B, n_old] / recent_missing [B, k]: blocks that are not the
-    chunk's; rows [B, 1, G*W]: the chunk's own queries. This is the one pass
-    over every (query, earlier block) pair, so at 1M tokens its memory
-    traffic bounds the prefill; on CUDA it runs compiled (_MaybeCompiled),
-    which fuses it into two reads of the matmul's output, unless
-    landmark_scoring's kernels (no stored scores at all) take its place.
-    """
-    s_old = s_old.float().div_(scale).masked_fill_(too_recent[:, None, None], float("-inf"))
-    lse, recent_best = landmark_scoring.with_recent(s_old.logsumexp(-1), s_recent, recent_missing, rows, scale)
-    return s_old.sub_(lse).amax(2), recent_best
-
-
 class _MaybeCompiled:
     """A function run through torch.compile when asked, else eagerly; if
     compiling or running the compiled form fails (no Triton, an unsupported
@@ -439,13 +400,13 @@ class _MaybeCompiled:
         return self.fn(*args)
 
 
-_BEST_ROWS = _MaybeCompiled(_best_rows)
+_BEST_ROWS = _MaybeCompiled(landmark_scoring.plain_best_rows)
 # the batched (GPU) grouped softmax: compiled, its passes over the score tensor fuse
 _GROUPED = _MaybeCompiled(grouped_attention_inference)
 
 
 def _attend(engine: LandmarkEngine, store, cache_k: torch.Tensor, cache_v: torch.Tensor, q_win: torch.Tensor,
-            ids: torch.Tensor, layout: _Layout, rope: _Rope) -> torch.Tensor:
+            ids: torch.Tensor, layout: _Layout, rope: RopeTables) -> torch.Tensor:
     """Grouped softmax of every chunk's window rows over its retrieved blocks
     and its window; returns [C, H, W, d] (rows outside the chunk: garbage).
 
@@ -458,7 +419,7 @@ def _attend(engine: LandmarkEngine, store, cache_k: torch.Tensor, cache_v: torch
     # retrieved blocks, landmark in the last slot, rotated into slots 1..k  # [C, Hkv, k, S, d]
     if max(layout.r):
         rk, rv, rlm = store.gather(ids.clamp(min=0).transpose(0, 1).reshape(Hkv, C * k))  # [Hkv, C*k, b, d], [Hkv, C*k, d]
-        blocks_k = rotate(torch.cat([rk, rlm[:, :, None]], dim=2).view(Hkv, C, k, S, d).transpose(0, 1), *rope.slots)
+        blocks_k = rotate(torch.cat([rk, rlm[:, :, None]], dim=2).view(Hkv, C, k, S, d).transpose(0, 1), *rope.blocks)
         blocks_v = F.pad(rv, (0, 0, 0, 1)).view(Hkv, C, k, S, d).transpose(0, 1)
         del rk, rv, rlm
     else:
