@@ -746,6 +746,7 @@ def train_command(
     lr: Annotated[float, typer.Option(min=0.0, help="Peak learning rate (cosine schedule).")] = 5e-4,
     synthetic_rate: Annotated[float, typer.Option(min=0.0, max=1.0, help="Share of synthetic long-range retrieval examples.")] = 0.5,
     qa_rate: Annotated[float, typer.Option(min=0.0, max=1.0, help="Share of document/codebase QA examples in the ask prompt format (taken before --synthetic-rate applies to the rest).")] = 0.0,
+    book_qa_rate: Annotated[float, typer.Option(min=0.0, max=1.0, help="Share of the QA examples asked about facts the training books state (their own sentences as answers; needs --qa-rate).")] = 0.0,
     code: Annotated[Optional[list[Path]], typer.Option(help="Python source directory for codebase QA examples (repeatable).")] = None,
     init_adapter: Annotated[Optional[Path], typer.Option(help="Start the LoRA and landmark row from this adapter directory (adapter_model.safetensors of the same rank).")] = None,
     lora_rank: Annotated[int, typer.Option(min=1, help="LoRA rank on all attention and MLP projections.")] = 16,
@@ -761,8 +762,9 @@ def train_command(
 
     from lmqa.qa.session import KINDS, QAPrompt
     from lmqa.train.finetune import TrainConfig, add_lora, export_adapter, load_adapter_weights, plot_losses, train
-    from lmqa.train.data import ExampleSampler, load_stream, tokenize_corpus
+    from lmqa.train.data import ExampleSampler, held_out, load_stream, tokenize_corpus
     from lmqa.train.qa_data import QASampler, read_python_files
+    from lmqa.train.book_qa_data import BookQA, split_documents, training_books
 
     base = model or "smollm2-135m"
     loaded = _load(base, "none", device, None, block_size)
@@ -784,7 +786,10 @@ def train_command(
     cfg = TrainConfig(output=output, steps=steps, context=context, block_size=loaded.landmark.block_size,
                       batch_size=batch_size, grad_accum=grad_accum, lr=lr, synthetic_rate=synthetic_rate,
                       lora_rank=lora_rank, lora_alpha=2 * lora_rank, save_every=save_every, seed=seed,
-                      attention_tile=attention_tile, max_minutes=max_minutes, qa_rate=qa_rate)
+                      attention_tile=attention_tile, max_minutes=max_minutes, qa_rate=qa_rate,
+                      book_qa_rate=book_qa_rate)
+    if book_qa_rate and not qa_rate:
+        raise UserError("--book-qa-rate is a share of the QA examples: give --qa-rate too")
     code_files = [f for d in code or [] for f in read_python_files(d)]
     if code and not code_files:
         raise UserError(f"no readable .py file under {', '.join(map(str, code))}")
@@ -806,7 +811,13 @@ def train_command(
     sampler = ExampleSampler(stream, tok, cfg.n_ordinary, cfg.synthetic_rate, seed)
     if cfg.qa_rate:
         prompts = {kind: QAPrompt(loaded, kind) for kind in KINDS}
-        sampler = QASampler(sampler, prompts, cfg.qa_rate, code_files)
+        book_qa = None
+        if book_qa_rate:
+            books = training_books(split_documents(stream, tok), held_out())
+            if not books:
+                raise UserError("--book-qa-rate: no book of 20,000 characters or more in the training data")
+            book_qa = BookQA(books, lambda text: len(tok(text, add_special_tokens=False).input_ids))
+        sampler = QASampler(sampler, prompts, cfg.qa_rate, code_files, book_qa=book_qa, book_rate=book_qa_rate)
     bar = Progress(TextColumn("training"), BarColumn(), MofNCompleteColumn(), TextColumn("loss {task.fields[loss]}"),
                    TimeRemainingColumn(), console=err)
     with bar:

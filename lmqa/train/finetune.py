@@ -38,6 +38,7 @@ class TrainConfig:
     weight_decay: float = 0.0
     synthetic_rate: float = 0.5
     qa_rate: float = 0.0  # document/codebase QA examples (qa_data.py), drawn before synthetic_rate applies
+    book_qa_rate: float = 0.0  # share of the QA examples made from the books' own sentences (book_qa_data.py)
     lora_rank: int = 16
     lora_alpha: int = 32
     save_every: int = 100

@@ -755,10 +755,19 @@ def pick_by_name(options: tuple[str, ...], key: str) -> str:
     return options[sum(map(ord, key)) % len(options)]
 
 
+# standard-library packages held out of all training data (the project's own checks ask about them)
+HELD_OUT_CODE = ("json", "logging", "http", "argparse")
+
+
 def read_python_files(root: Path, max_bytes: int = 60_000) -> list[tuple[str, str]]:
-    """(path relative to root, text) of every readable .py file under root."""
+    """(path relative to root, text) of every readable .py file under root,
+    except those of the HELD_OUT_CODE packages (a folder or module of that
+    name anywhere in the path)."""
     files = []
     for path in sorted(root.rglob("*.py")):
+        parts = path.relative_to(root).with_suffix("").parts
+        if any(p in HELD_OUT_CODE for p in parts):
+            continue
         try:
             if path.is_file() and path.stat().st_size <= max_bytes:
                 files.append((str(path.relative_to(root)), path.read_text(encoding="utf-8")))
@@ -775,10 +784,11 @@ class QASampler:
     checkpoint of base's rng state resumes this sampler too.
 
     prompts: kind -> QAPrompt ("document", and "codebase" when code is given).
+    book_qa: a book_qa_data.BookQA, drawn (as a document) for a share book_rate of the QA examples.
     """
 
     def __init__(self, base, prompts: dict, qa_rate: float, code: list[tuple[str, str]] | None = None,
-                 code_rate: float = 0.2, not_said_rate: float = 0.04):
+                 code_rate: float = 0.2, not_said_rate: float = 0.04, book_qa=None, book_rate: float = 0.0):
         self.base = base
         self.rng = base.rng
         self.tok = base.tok
@@ -789,6 +799,8 @@ class QASampler:
         self.code_facts = [code_facts(p, t) for p, t in self.code]
         self.code_rate = code_rate if self.code else 0.0
         self.not_said_rate = not_said_rate
+        self.book_qa = book_qa
+        self.book_rate = book_rate if book_qa else 0.0
         self.stop = self.tok.convert_tokens_to_ids("<|im_end|>") if "<|im_end|>" in self.tok.get_vocab() else self.tok.eos_token_id
         self._encode = base._encode
         self.heads = {kind: self._encode(prompt.head) for kind, prompt in prompts.items()}
@@ -796,6 +808,8 @@ class QASampler:
     def sample(self) -> Example:
         if self.rng.random() >= self.qa_rate:
             return self.base.sample()
+        if self.book_rate and self.rng.random() < self.book_rate:
+            return self._book()
         if self.rng.random() < self.code_rate:
             return self._codebase()
         return self._document()
@@ -845,6 +859,13 @@ class QASampler:
         if not all(s in kept for s in written):  # a fact cut off at the budget would teach invention
             return self._document()
         return self._render("document", doc, turns)
+
+    def _book(self) -> Example:
+        """A question about a fact a training book states, its window of the book as the document."""
+        room = lambda question, answer: self._budget("document", self._encode_turns("document", [(question, answer)]))
+        drawn = self.book_qa.draw(self.rng, room)
+        turns = self._encode_turns("document", [(drawn.question, drawn.answer)])
+        return self._render("document", self._encode(drawn.document), turns)
 
     def _codebase(self) -> Example:
         """Consecutive files from a random start, laid out as `ingest` lays out
