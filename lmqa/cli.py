@@ -921,3 +921,6 @@ def chat(
                                         candidates=candidates), show_blocks, keep,
                         CACHE_DIR / "chat-history")
     Chat(session, config, console, err).run(line_reader(config.history))
+
+
+import lmqa.serve.command  # noqa: E402,F401  (registers `lmqa serve`; last, as it uses the options above)
