@@ -678,13 +678,13 @@ def bench(
     loaded = _load(model, quantize, device, top_k, None)
     engine = _engine(loaded, kv_offload)
     for path in paths:  # warm-up: first calls allocate and pick kernels (on CUDA, bench_engine also compiles)
-        engine.prefill = path
+        engine.set_prefill(path)
         engine.feed(prompt_ids(loaded.tokenizer, 256, seed))
     rows = []
     for n in sizes:
         ids = prompt_ids(loaded.tokenizer, n, seed)
         for path in paths:
-            engine.prefill = path
+            engine.set_prefill(path)
             with err.status(f"landmark engine ({path} prefill) at {n:,} tokens"):
                 rows.append(bench_engine(engine, ids, new_tokens))
         if n <= max_full:

@@ -117,9 +117,9 @@ def test_recorded_mass_equals_full_sequence_recomputation(model, n, queries):
     engine = LandmarkEngine(model, LandmarkConfig(landmark_id=LANDMARK, block_size=b, top_k=64, train_context=4096))
     engine.feed(ids[:-queries])
     recorder = EvidenceRecorder()
-    engine.evidence = recorder
+    engine.record_evidence(recorder)
     engine.feed(ids[-queries:])
-    engine.evidence = None
+    engine.record_evidence(None)
     got = recorder.result()
     want = full_sequence_mass(model, insert_landmarks(ids, b, LANDMARK), b, queries)  # every token, open block too
     assert torch.allclose(got.mass[:n], want, atol=1e-4) and got.mass[n:].sum() == 0
@@ -133,7 +133,7 @@ def test_recording_covers_only_the_blocks_read(model):
     engine = LandmarkEngine(model, LandmarkConfig(landmark_id=LANDMARK, block_size=b, top_k=2, train_context=4096))
     engine.feed(ids[:37])
     recorder = EvidenceRecorder()
-    engine.evidence = recorder
+    engine.record_evidence(recorder)
     engine.feed(ids[37:38])
     step = engine.trace.steps[-1]
     mass = recorder.result().mass

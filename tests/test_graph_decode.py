@@ -74,11 +74,37 @@ def test_decoder_records_the_eager_steps_evidence(device):
     ids = random_ids(260, seed=23)
     ref.feed(ids[:200])
     fast.feed(ids[:200])
-    ref.evidence, fast.evidence = EvidenceRecorder(), EvidenceRecorder()
+    ref.record_evidence(EvidenceRecorder())
+    fast.record_evidence(EvidenceRecorder())
     if not decode_both(ref, fast, ids[200:260]):
         pytest.skip("a retrieval tie: the engines rightly read different blocks from there on")
     a, c = ref.evidence.result(), fast.evidence.result()
     assert a.rows == c.rows > 0 and torch.allclose(a.mass, c.mass, atol=1e-6) and a.mass.sum() > 0
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
+def test_set_top_k_changes_what_decode_retrieves(device):
+    """chat's /topk: a new k reaches the next token step on both paths, the
+    eager step and the decoder (eagerly on a CPU, a captured CUDA graph on a
+    GPU), whose buffers and graph were sized for the old k; both then still
+    decode alike."""
+    model = make_tiny_llama(vocab=128, hidden=48, heads=6, kv_heads=2, layers=2, seed=0).to(device)
+    ref, fast = pair(model, capture=device == "cuda")  # k = 3
+    ids = random_ids(240, seed=5)
+    ref.feed(ids[:200])
+    fast.feed(ids[:200])
+    assert decode_both(ref, fast, ids[200:202]) and fast.trace.steps[-1].block_ids.shape[-1] == 3
+    for e in (ref, fast):
+        e.set_top_k(5)
+        assert e.config.top_k == 5
+    seen, steps = len(fast.trace.steps), []
+    real = fast.decoder.step
+    fast.decoder.step = lambda t: steps.append(t) or real(t)
+    decode_both(ref, fast, ids[202:240])  # compares logits up to a retrieval tie, if any
+    assert steps, "no step went through the decoder"
+    assert all(s.block_ids.shape[-1] == 5 for e in (ref, fast) for s in e.trace.steps[seen:])
+    with pytest.raises(ValueError):
+        fast.set_top_k(0)
 
 
 def test_decoder_steps_aside_for_block_closing_and_host_blocks():
@@ -87,7 +113,7 @@ def test_decoder_steps_aside_for_block_closing_and_host_blocks():
     fast.feed(random_ids(100, seed=2))
     assert fast.decoder.can_step([5])
     assert not fast.decoder.can_step([5, 127])  # the token closes its block: eager
-    fast.offload = "cpu"
+    fast.move_blocks("cpu")
     assert not fast.decoder.can_step([5])
 
 

@@ -11,7 +11,7 @@ blocks are chosen and what was read, retrieval.py's.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import NamedTuple
 
 import torch
@@ -48,12 +48,12 @@ class _OpenBlock:
 
 
 class LandmarkEngine:
-    """Holds one context (block stores + open block) for a LlamaForCausalLM."""
+    """Holds one context (block stores + open block) for a LlamaForCausalLM.
 
-    # Set (by DocumentSession.ask) while a question is read and while answer
-    # tokens are generated: steps then add their queries' attention mass per
-    # token of the blocks they read (evidence.py). For short feeds only.
-    evidence = None
+    Its settings (config, prefill, offload, evidence) are read-only
+    attributes changed through methods (set_top_k, set_prefill, move_blocks,
+    record_evidence), so a change reaches every path, the CUDA graph
+    decoder's fixed-size buffers included."""
 
     def __init__(self, model, config: LandmarkConfig, offload: str = "cpu", kv_dtype: torch.dtype | None = None,
                  prefill: str = "layer", max_device_bytes: int | None = None):
@@ -65,10 +65,10 @@ class LandmarkEngine:
         its budget). prefill: how multi-token feeds run: "layer" (layer-major,
         layer_prefill.py) or "serial" (chunk by chunk through every layer: the
         reference, and the path any feed shorter than a prefill chunk takes)."""
-        if prefill not in ("layer", "serial"):
-            raise ValueError(f"prefill must be 'layer' or 'serial', not {prefill!r}")
+        self.set_prefill(prefill)
         self.model = model
-        self.config = config
+        self._config = config
+        self._evidence = None
         self.llama = model.model
         mc = model.config
         self.n_heads = mc.num_attention_heads
@@ -78,14 +78,62 @@ class LandmarkEngine:
         self.dtype = self.llama.embed_tokens.weight.dtype
         self.kv_dtype = kv_dtype or self.dtype
         self.auto_offload = AutoOffload(self.device, max_device_bytes) if offload == "auto" else None
-        self.offload = self.auto_offload.initial if self.auto_offload else offload
-        self.prefill = prefill
+        self._offload = self.auto_offload.initial if self.auto_offload else offload
         self.prefill_budget = PrefillBudget.for_device(self.device, small=offload == "cpu")
         self.tile = 1  # query blocks per attention tile
         self.trace = RetrievalTrace()
         self.reset()
         # token steps on CUDA replay a captured graph (graph_decode.py)
         self.decoder = GraphDecoder(self) if self.device.type == "cuda" else None
+
+    # ----- settings -----
+    @property
+    def config(self) -> LandmarkConfig:
+        return self._config
+
+    @property
+    def prefill(self) -> str:
+        return self._prefill
+
+    @property
+    def offload(self) -> str:
+        """Where block keys/values live now: "device" or "cpu" (host memory)."""
+        return self._offload
+
+    @property
+    def evidence(self):
+        """The recorder steps add to (see record_evidence), or None."""
+        return self._evidence
+
+    def set_top_k(self, k: int) -> None:
+        """Retrieve k blocks per head and step from the next step on. The
+        serial and layer-major steps read the config per step; the graph
+        decoder's buffers and captured graph are sized for one k, so it is
+        built again."""
+        if k < 1:
+            raise ValueError(f"top_k must be at least 1, not {k}")
+        self._config = replace(self._config, top_k=k)
+        if self.decoder is not None:
+            self.decoder = GraphDecoder(self, capture=self.decoder.capture)
+
+    def set_prefill(self, prefill: str) -> None:
+        """How multi-token feeds run from now on: "layer" or "serial" (see __init__)."""
+        if prefill not in ("layer", "serial"):
+            raise ValueError(f"prefill must be 'layer' or 'serial', not {prefill!r}")
+        self._prefill = prefill
+
+    def record_evidence(self, recorder) -> None:
+        """From the next step on, steps add their queries' attention mass per
+        token of the blocks they read to recorder (lmqa/qa/evidence.py), until
+        called with None. For short feeds only (a question, answer tokens)."""
+        self._evidence = recorder
+
+    def move_blocks(self, where: str) -> None:
+        """Keep block keys/values on the device ("device") or in host memory
+        ("cpu") from now on: every store is built again there, same contents."""
+        self._offload = where
+        self.stores = [self.new_store({name: torch.cat(parts) for name, parts in store.export().items()})
+                       for store in self.stores]
 
     # ----- state -----
     def reset(self) -> None:
@@ -195,7 +243,7 @@ class LandmarkEngine:
         q_idx = torch.arange(p, W, device=self.device)
         landmark_rope = self._landmark_rope(rope)
         # Evidence (set for short feeds only: a question, answer tokens): every ordinary token's query.
-        evidence_rows = [i for i, t in enumerate(piece) if t != cfg.landmark_id] if self.evidence is not None else []
+        evidence_rows = [i for i, t in enumerate(piece) if t != cfg.landmark_id] if self._evidence is not None else []
 
         step_ids, step_scores = [], []
         for li, layer in enumerate(self.llama.layers):
@@ -232,7 +280,7 @@ class LandmarkEngine:
                 # the retrieved blocks, then the window's, from the open block on
                 read = torch.arange(len(store), len(store) + n_win_blocks, device=self.device).expand(self.n_kv, -1)
                 probs = probs[0].unflatten(1, (-1, T))[:, :, evidence_rows].flatten(1, 2)  # [Hkv, G * rows, N, S]
-                self.evidence.add(torch.cat([ids_r, read], dim=1) if r else read, probs)
+                self._evidence.add(torch.cat([ids_r, read], dim=1) if r else read, probs)
             else:
                 out = blockwise_grouped_attention(q, keys, values, r + q_idx // S, q_idx % S, valid, tile=self.tile)
             out = out.transpose(1, 2).reshape(1, T, self.n_heads * self.head_dim).to(h.dtype)

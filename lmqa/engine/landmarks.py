@@ -6,6 +6,8 @@ from dataclasses import dataclass
 
 import torch
 
+from . import defaults
+
 
 @dataclass(frozen=True)
 class LandmarkConfig:
@@ -17,9 +19,9 @@ class LandmarkConfig:
     """
 
     landmark_id: int
-    block_size: int = 63
-    top_k: int = 4
-    train_context: int = 1024
+    block_size: int = defaults.BLOCK_SIZE
+    top_k: int = defaults.TOP_K
+    train_context: int = defaults.TRAIN_CONTEXT
     chunk_size: int | None = None
 
     @property

@@ -44,10 +44,9 @@ class AutoOffload:
         new_blocks = (engine.open_len + n_tokens) // engine.config.block_size
         fits = (engine.n_blocks + new_blocks) * block_bytes(engine) <= self.limit
         if engine.offload == "device" and not fits:
-            spill_to_host(engine)
+            engine.move_blocks("cpu")
         elif engine.offload == "cpu" and fits and engine.n_blocks == 0:
-            engine.offload = "device"
-            engine.stores = [engine.new_store() for _ in engine.stores]
+            engine.move_blocks("device")
 
 
 def block_bytes(engine) -> int:
@@ -58,9 +57,3 @@ def block_bytes(engine) -> int:
     per_token = d * engine.kv_dtype.itemsize + (4 if engine.kv_dtype == torch.int8 else 0)
     return len(engine.stores) * hkv * (2 * b * per_token + d * engine.dtype.itemsize)
 
-
-def spill_to_host(engine) -> None:
-    """Rebuild every store with its blocks in host memory (same contents)."""
-    engine.offload = "cpu"
-    engine.stores = [engine.new_store({name: torch.cat(parts) for name, parts in store.export().items()})
-                     for store in engine.stores]

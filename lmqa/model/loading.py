@@ -23,6 +23,7 @@ import torch
 from platformdirs import user_cache_dir
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn
 
+from lmqa.engine import defaults
 from lmqa.engine.landmarks import LandmarkConfig
 from .hub import HF_PREFIX
 from .manifest import DEFAULT_MODEL, Manifest, ModelError, find_manifest, list_manifests
@@ -336,7 +337,8 @@ def load_model(spec: str | None = None, quantize: str = "none", device: str = "a
         token, b, k, ctx, chunk = (manifest.landmark_token, manifest.block_size, manifest.top_k,
                                    manifest.train_context, manifest.chunk_size)
     else:  # the paper's released checkpoint (recovered by lmqa or not) records its settings in config.json
-        token, b, k, ctx, chunk = "<landmark>", getattr(cfg, "mem_freq", 63), 5, getattr(cfg, "train_context_length", 1024), None
+        token, b, k, ctx, chunk = ("<landmark>", getattr(cfg, "mem_freq", defaults.BLOCK_SIZE), defaults.TOP_K,
+                                   getattr(cfg, "train_context_length", defaults.TRAIN_CONTEXT), None)
         trained = hasattr(cfg, "mem_freq")
     landmark_id = getattr(cfg, "mem_id", None) if manifest is None and hasattr(cfg, "mem_id") else add_landmark_token(model, tokenizer, token)
     if manifest is not None and manifest.landmark_id not in (None, landmark_id):

@@ -14,6 +14,8 @@ import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from lmqa.engine import defaults
+
 MODELS_DIR = Path(os.environ.get("LMQA_MODELS", Path(__file__).resolve().parents[2] / "models"))
 DEFAULT_MODEL = "smollm2-135m-landmark"
 
@@ -60,9 +62,9 @@ class Manifest:
     diff: WeightDiff | None = None
     landmark_token: str = "<landmark>"
     landmark_id: int | None = None  # where a released model fixes it (else added at load)
-    block_size: int = 63
-    top_k: int = 5
-    train_context: int = 1024
+    block_size: int = defaults.BLOCK_SIZE
+    top_k: int = defaults.TOP_K
+    train_context: int = defaults.TRAIN_CONTEXT
     chunk_size: int | None = None
     prompt_format: str = "chat"
     abstain_margin: float | None = None  # see lmqa/qa/abstention.py; None: the model has no trained refusal
@@ -96,9 +98,9 @@ def read_manifest(path: Path) -> Manifest:
             diff=_weight_diff(raw["diff"]) if "diff" in raw else None,
             landmark_token=lm.get("token", "<landmark>"),
             landmark_id=lm.get("id"),
-            block_size=int(lm.get("block_size", 63)),
-            top_k=int(lm.get("top_k", 5)),
-            train_context=int(lm.get("train_context", 1024)),
+            block_size=int(lm.get("block_size", defaults.BLOCK_SIZE)),
+            top_k=int(lm.get("top_k", defaults.TOP_K)),
+            train_context=int(lm.get("train_context", defaults.TRAIN_CONTEXT)),
             chunk_size=lm.get("chunk_size"),
             prompt_format=raw.get("prompt", {}).get("format", "chat"),
             abstain_margin=raw.get("answer", {}).get("abstain_margin"),

@@ -298,9 +298,8 @@ class Chat:
             self.warn("/topk needs a number of at least 1")
             return
         s = self.session
-        landmark = replace(s.engine.config, top_k=k)
-        s.engine.config = landmark
-        s.loaded = replace(s.loaded, landmark=landmark)
+        s.engine.set_top_k(k)
+        s.loaded = replace(s.loaded, landmark=s.engine.config)
         self.note(f"top-k = {k}")
 
     def _keep(self, arg: str) -> None:

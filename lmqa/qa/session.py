@@ -253,7 +253,7 @@ class DocumentSession:
         def token(t: int) -> None:
             if "first" not in times:  # the question is prefilled: from here on, steps are answer tokens
                 times["first"] = time.perf_counter()
-                self.engine.evidence = recorder
+                self.engine.record_evidence(recorder)
             if on_token is not None:
                 on_token(t)
 
@@ -262,9 +262,9 @@ class DocumentSession:
         try:
             if sampling.candidates > 1 and sampling.temperature <= 0:
                 read = EvidenceRecorder() if self.quote else None  # where the question looks: its sentences are read
-                self.engine.evidence = read
+                self.engine.record_evidence(read)
                 logits = self.engine.feed(ids, progress=prefilled)
-                self.engine.evidence = None
+                self.engine.record_evidence(None)
                 proposals = self.proposals(read.result()) if read else []
                 out = best_answer(self.engine, logits, sampling, self.stop_ids(), sampling.candidates, processors,
                                   proposals, on_token=token)
@@ -275,7 +275,7 @@ class DocumentSession:
             self.engine.rollback(self._mark)
             raise
         finally:
-            self.engine.evidence = None
+            self.engine.record_evidence(None)
         end = time.perf_counter()
         steps = list(self.engine.trace.steps[first_step:])
         if keep:
