@@ -41,8 +41,8 @@ class TokenMass:
 
 class EvidenceRecorder:
     """Accumulates per-token attention mass; the engine calls add() once per
-    layer in every step while it is set as LandmarkEngine.evidence (the
-    session sets one for the question's tokens, one for the answer's).
+    layer in every step while it records into it (LandmarkEngine.record_evidence:
+    the session records the question's tokens into one, the answer's into another).
     The sums stay on the engine's device until result(), so recording costs
     no host synchronisation per layer."""
 
