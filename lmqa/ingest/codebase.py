@@ -16,7 +16,7 @@ from pathlib import Path
 
 from pathspec import GitIgnoreSpec
 
-from lmqa.code.symbols import build_index
+from lmqa.code.symbols import index_document
 
 from .decoding import decode, looks_binary
 from .document import Document, DocumentBuilder, IngestError, SkipReport
@@ -43,8 +43,7 @@ def read_directory(path: Path, include: Sequence[str] = (), exclude: Sequence[st
         why = "; ".join(builder.document.skipped.lines(examples=0)) or "it is empty"
         raise IngestError(f"{path}: no readable text file in this directory ({why})")
     document = builder.build()
-    package = walk.root.name if any(s.title == "__init__.py" for s in document.segments) else None
-    document.symbols = build_index(((s.title, document.text[s.char_start : s.char_end]) for s in document.segments), package)
+    document.symbols = index_document(document)
     return document
 
 
