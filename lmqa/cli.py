@@ -236,10 +236,10 @@ def passkey(
 @app.command("eval")
 @friendly
 def eval_command(
-    lengths: Annotated[str, typer.Option("--lengths", help="Comma-separated prompt lengths in tokens (needle and passkey tasks).")] = "4000,32000",
+    lengths: Annotated[str, typer.Option("--lengths", help="Comma-separated prompt lengths in tokens (needle, passkey and ruler tasks).")] = "4000,32000",
     depths: Annotated[str, typer.Option("--depths", help="Comma-separated depths of the fact, in percent of the document.")] = "0,25,50,75,100",
-    trials: Annotated[int, typer.Option("--trials", "-t", min=1, help="Trials per length and depth.")] = 2,
-    tasks: Annotated[str, typer.Option("--tasks", help="Comma-separated: needle (fact QA in eval books), passkey, code (which file defines a function), bookqa (reader's questions on whole held-out books; not in the default).")] = "needle,passkey,code",
+    trials: Annotated[int, typer.Option("--trials", "-t", min=1, help="Trials per length and depth (ruler: samples per task and length).")] = 2,
+    tasks: Annotated[str, typer.Option("--tasks", help="Comma-separated: needle (fact QA in eval books), passkey, code (which file defines a function), bookqa (reader's questions on whole held-out books; not in the default), ruler (RULER's 11 synthetic tasks, or name some: niah_single_1, vt, cwe, ...; not in the default).")] = "needle,passkey,code",
     seed: Annotated[int, typer.Option("--seed", help="Random seed for haystacks, needles, keys and placements (decoding is greedy).")] = 0,
     out: Annotated[Path, typer.Option("--out", "-o", help="Directory for eval.json (every trial), eval.txt (the table) and eval.png (the heatmap).")] = Path("lmqa-eval"),
     books: Annotated[Optional[Path], typer.Option("--books", help="Evaluation books (*.txt) for the needle haystacks (default: shared/books/eval of the repository).")] = None,
@@ -259,6 +259,7 @@ def eval_command(
 ):
     """Needle-QA, passkey and code grids (lengths x depths) with baselines: a table, a heatmap PNG and every trial as JSON."""
     from lmqa.evaluation.report import report, summarize, table, write_outputs
+    from lmqa.evaluation.ruler import TASKS as RULER_TASKS
     from lmqa.evaluation.tasks import (CODE, TASKS, EvalError, Evaluator, Settings, books_dir, load_needles, parse_depths,
                            read_books, read_code)
 
@@ -269,13 +270,14 @@ def eval_command(
         raise UserError(f"--lengths must be comma-separated integers, not {lengths!r}") from None
     if not sizes or min(sizes) < 256:
         raise UserError("--lengths needs lengths of at least 256 tokens")
-    if not chosen or set(chosen) - set(TASKS) - {"bookqa"}:
-        raise UserError(f"--tasks must name some of {', '.join(TASKS)}, bookqa, not {tasks!r}")
-    grid = tuple(t for t in chosen if t != "bookqa")  # the tasks with lengths and depths
+    ruler_tasks = RULER_TASKS if "ruler" in chosen else tuple(t for t in chosen if t in RULER_TASKS)
+    if not chosen or set(chosen) - set(TASKS) - {"bookqa", "ruler"} - set(RULER_TASKS):
+        raise UserError(f"--tasks must name some of {', '.join(TASKS)}, bookqa, ruler (or its tasks), not {tasks!r}")
+    grid = tuple(t for t in chosen if t in TASKS)  # the tasks with lengths and depths
     _output_path(out, "--out")
     try:
         depth_values = parse_depths(depths)
-        book_texts = read_books(books_dir(books)) if "needle" in chosen else []
+        book_texts = read_books(books_dir(books)) if "needle" in chosen or ruler_tasks else []
         loaded = _load(model, quantize, device, top_k, None)
         engine = _engine(loaded, kv_offload)
         base = _load(baseline_model, quantize, device, None, None) if baselines and grid not in ((), ("passkey",)) else None
@@ -284,6 +286,8 @@ def eval_command(
                             code_tokens)
         books_data = _bookqa(loaded, engine, out, bookqa_dir, bookqa_books, bookqa_limit, max_new_tokens,
                              candidates, as_json) if "bookqa" in chosen else None
+        ruler_data = _ruler(loaded, engine, out, ruler_tasks, sizes, trials, seed, candidates, book_texts,
+                            as_json) if ruler_tasks else None
         code_tree = read_code(code or CODE, loaded.tokenizer, code_tokens) if "code" in chosen else None
         evaluator = Evaluator(loaded, engine, settings, book_texts, load_needles(), base, code_tree)
         progress, evaluator.progress = _prefill_bar(evaluator.positions(), "eval")
@@ -305,13 +309,16 @@ def eval_command(
         raise UserError(str(e)) from None
     if not grid:
         if as_json:
-            print(json.dumps({"bookqa": books_data}, ensure_ascii=False))
+            print(json.dumps({k: v for k, v in (("bookqa", books_data), ("ruler", ruler_data)) if v is not None},
+                             ensure_ascii=False))
         return
     rows = summarize(done)
     title = f"lmqa eval: {loaded.name}, k={loaded.landmark.top_k}, b={loaded.landmark.block_size}, seed {seed}"
     data = report(settings, done, loaded.name, base.name if base is not None else None)
     if books_data is not None:
         data["bookqa"] = books_data
+    if ruler_data is not None:
+        data["ruler"] = ruler_data
     try:
         paths = write_outputs(out, data, rows, title)
     except OSError as e:
@@ -360,6 +367,43 @@ def _bookqa(loaded, engine, out: Path, directory: Optional[Path], books: Optiona
     if not as_json:
         console.print(bookqa.table(data["summary"], f"lmqa eval bookqa: {loaded.name}, {sampling.candidates} candidates"))
     err.print(f"[dim]wrote {escape(str(out / 'bookqa.json'))}[/dim]", soft_wrap=True)
+    return data
+
+
+def _ruler(loaded, engine, out: Path, tasks: tuple[str, ...], lengths: tuple[int, ...], samples: int, seed: int,
+           candidates: int, books: list[str], as_json: bool) -> dict:
+    """`lmqa eval --tasks ruler`: RULER's tasks at each length; the table
+    printed (unless --json) and OUT/ruler.json written. Stopped by hand, it
+    reports the samples it finished."""
+    from lmqa.evaluation import ruler
+    from lmqa.qa.trace_export import write_json
+
+    evaluator = ruler.RulerEvaluator(loaded, engine, lengths, samples, books, seed, candidates, tasks)
+    progress, evaluator.progress = _prefill_bar(evaluator.positions(), "ruler")
+    done = []
+    try:
+        with progress:
+            for cell in evaluator.cells():
+                t = evaluator.run(*cell)
+                done.append(t)
+                evidence = "" if t.evidence is None else f", evidence {100 * t.evidence:.0f}%"
+                err.print(f"[dim]ruler {t.task} {t.length:,} #{t.sample + 1} ({t.answer_mode}): {100 * t.score:.0f}%"
+                          f"{evidence} in {t.seconds:.1f} s: {escape(t.answer[:70])!r}[/dim]", soft_wrap=True,
+                          highlight=False)
+    except KeyboardInterrupt:
+        if not done:
+            raise
+        err.print(f"[yellow]interrupted:[/yellow] reporting the {len(done)} ruler samples done")
+    data = ruler.report(done, lengths, samples, seed)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        write_json(out / "ruler.json", data)
+    except OSError as e:
+        raise UserError(f"{out}: could not write the results ({e.strerror or e})") from None
+    if not as_json:
+        console.print(ruler.table(done, f"lmqa eval ruler: {loaded.name}, k={loaded.landmark.top_k}, "
+                                        f"b={loaded.landmark.block_size}, seed {seed}"))
+    err.print(f"[dim]wrote {escape(str(out / 'ruler.json'))}[/dim]", soft_wrap=True)
     return data
 
 
