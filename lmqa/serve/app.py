@@ -203,13 +203,11 @@ def build_app(contexts: Mapping[str, DocumentSession], options: ServeOptions,
         loop = asyncio.get_running_loop()
         tokens: asyncio.Queue[int | None] = asyncio.Queue()
 
-        def run(job: Job) -> dict[str, Any]:
-            try:
-                return _answer(session, question, sampling, job, lambda t: loop.call_soon_threadsafe(tokens.put_nowait, t))
-            finally:
-                loop.call_soon_threadsafe(tokens.put_nowait, None)
-
-        job, future = submit(run)
+        job, future = submit(lambda job: _answer(session, question, sampling, job,
+                                                 lambda t: loop.call_soon_threadsafe(tokens.put_nowait, t)))
+        # None ends the tokens however the answer ends (done, failed, or dropped
+        # unstarted at shutdown); the loop runs it after the tokens sent before.
+        future.add_done_callback(lambda _: tokens.put_nowait(None))
 
         async def events():
             text = _AnswerText(session.loaded.tokenizer)
