@@ -302,3 +302,20 @@ def test_signal_stops_lmqa_serve_cleanly(context, tmp_path):
             if process.poll() is None:
                 process.kill()
                 process.wait()
+
+
+def test_environment_variables_set_options(tmp_path):
+    """LMQA_* reach the shared options (--help names them), and serve refuses
+    two contexts that would share a name before loading anything."""
+    from test_cli import assert_clean_error, run
+    from typer.testing import CliRunner
+
+    runner = CliRunner()
+    assert "LMQA_TOP_K" in run(runner, "ask", "--help", env={"COLUMNS": "200"}).output
+    assert_clean_error(run(runner, "ask", tmp_path / "doc.txt", "q?", env={"LMQA_PREFILL": "sideways"}),
+                       "--prefill must be layer or serial, not 'sideways'")
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "book.lmqa").write_bytes(b"")
+    assert_clean_error(run(runner, "serve", tmp_path / "a" / "book.lmqa", tmp_path / "b" / "book.lmqa"),
+                       "both be served as 'book'")
