@@ -239,12 +239,10 @@ def eval_command(
     lengths: Annotated[str, typer.Option("--lengths", help="Comma-separated prompt lengths in tokens (needle, passkey and ruler tasks).")] = "4000,32000",
     depths: Annotated[str, typer.Option("--depths", help="Comma-separated depths of the fact, in percent of the document.")] = "0,25,50,75,100",
     trials: Annotated[int, typer.Option("--trials", "-t", min=1, help="Trials per length and depth (ruler: samples per task and length).")] = 2,
-    tasks: Annotated[str, typer.Option("--tasks", help="Comma-separated: needle (fact QA in eval books), passkey, code (which file defines a function), bookqa (reader's questions on whole held-out books; not in the default), ruler (RULER's 11 synthetic tasks, or name some: niah_single_1, vt, cwe, ...; not in the default).")] = "needle,passkey,code",
+    tasks: Annotated[str, typer.Option("--tasks", help="Comma-separated: needle (fact QA in eval books), passkey, code (questions about real source trees: where is X defined, what does Y, what calls X; with a BM25 baseline), bookqa (reader's questions on whole held-out books; not in the default), ruler (RULER's 11 synthetic tasks, or name some: niah_single_1, vt, cwe, ...; not in the default).")] = "needle,passkey,code",
     seed: Annotated[int, typer.Option("--seed", help="Random seed for haystacks, needles, keys and placements (decoding is greedy).")] = 0,
     out: Annotated[Path, typer.Option("--out", "-o", help="Directory for eval.json (every trial), eval.txt (the table) and eval.png (the heatmap).")] = Path("lmqa-eval"),
     books: Annotated[Optional[Path], typer.Option("--books", help="Evaluation books (*.txt) for the needle haystacks (default: shared/books/eval of the repository).")] = None,
-    code: Annotated[Optional[Path], typer.Option("--code", help="Source tree for the code task (default: the lmqa package).")] = None,
-    code_tokens: Annotated[int, typer.Option("--code-tokens", min=256, help="Read the code tree's files up to this many tokens.")] = 16000,
     baselines: Annotated[bool, typer.Option("--baselines/--no-baselines", help="Also run the base model over its window's worth of the prompt's end, and over all of it up to --max-full.")] = True,
     baseline_model: Annotated[str, typer.Option("--baseline-model", help="The model the baselines run (full attention, no landmarks).")] = "smollm2-135m",
     max_full: Annotated[int, typer.Option("--max-full", min=0, help="Run the full-attention baseline only on prompts up to this many tokens.")] = 8192,
@@ -260,8 +258,8 @@ def eval_command(
     """Needle-QA, passkey and code grids (lengths x depths) with baselines: a table, a heatmap PNG and every trial as JSON."""
     from lmqa.evaluation.report import report, summarize, table, write_outputs
     from lmqa.evaluation.ruler import TASKS as RULER_TASKS
-    from lmqa.evaluation.tasks import (CODE, TASKS, EvalError, Evaluator, Settings, books_dir, load_needles, parse_depths,
-                           read_books, read_code)
+    from lmqa.evaluation.tasks import (TASKS, EvalError, Evaluator, Settings, books_dir, load_needles, parse_depths,
+                           read_books)
 
     try:
         sizes = tuple(int(x) for x in lengths.split(",") if x.strip())
@@ -271,8 +269,8 @@ def eval_command(
     if not sizes or min(sizes) < 256:
         raise UserError("--lengths needs lengths of at least 256 tokens")
     ruler_tasks = RULER_TASKS if "ruler" in chosen else tuple(t for t in chosen if t in RULER_TASKS)
-    if not chosen or set(chosen) - set(TASKS) - {"bookqa", "ruler"} - set(RULER_TASKS):
-        raise UserError(f"--tasks must name some of {', '.join(TASKS)}, bookqa, ruler (or its tasks), not {tasks!r}")
+    if not chosen or set(chosen) - set(TASKS) - {"code", "bookqa", "ruler"} - set(RULER_TASKS):
+        raise UserError(f"--tasks must name some of {', '.join(TASKS)}, code, bookqa, ruler (or its tasks), not {tasks!r}")
     grid = tuple(t for t in chosen if t in TASKS)  # the tasks with lengths and depths
     _output_path(out, "--out")
     try:
@@ -282,14 +280,13 @@ def eval_command(
         engine = _engine(loaded, kv_offload)
         base = _load(baseline_model, quantize, device, None, None) if baselines and grid not in ((), ("passkey",)) else None
         window = base.model.config.max_position_embeddings if base is not None else 0
-        settings = Settings(sizes, depth_values, trials, seed, grid, max_new_tokens, candidates, max_full, window,
-                            code_tokens)
+        settings = Settings(sizes, depth_values, trials, seed, grid, max_new_tokens, candidates, max_full, window)
         books_data = _bookqa(loaded, engine, out, bookqa_dir, bookqa_books, bookqa_limit, max_new_tokens,
                              candidates, as_json) if "bookqa" in chosen else None
         ruler_data = _ruler(loaded, engine, out, ruler_tasks, sizes, trials, seed, candidates, book_texts,
                             as_json) if ruler_tasks else None
-        code_tree = read_code(code or CODE, loaded.tokenizer, code_tokens) if "code" in chosen else None
-        evaluator = Evaluator(loaded, engine, settings, book_texts, load_needles(), base, code_tree)
+        code_data = _code_eval(loaded, engine, out, max_new_tokens, candidates, as_json) if "code" in chosen else None
+        evaluator = Evaluator(loaded, engine, settings, book_texts, load_needles(), base)
         progress, evaluator.progress = _prefill_bar(evaluator.positions(), "eval")
         done = []
         try:
@@ -309,12 +306,14 @@ def eval_command(
         raise UserError(str(e)) from None
     if not grid:
         if as_json:
-            print(json.dumps({k: v for k, v in (("bookqa", books_data), ("ruler", ruler_data)) if v is not None},
+            print(json.dumps({k: v for k, v in (("code", code_data), ("bookqa", books_data), ("ruler", ruler_data)) if v is not None},
                              ensure_ascii=False))
         return
     rows = summarize(done)
     title = f"lmqa eval: {loaded.name}, k={loaded.landmark.top_k}, b={loaded.landmark.block_size}, seed {seed}"
     data = report(settings, done, loaded.name, base.name if base is not None else None)
+    if code_data is not None:
+        data["code"] = code_data
     if books_data is not None:
         data["bookqa"] = books_data
     if ruler_data is not None:
@@ -328,6 +327,39 @@ def eval_command(
     else:
         console.print(table(rows, title))
     err.print(f"[dim]wrote {escape(', '.join(map(str, paths.values())))}[/dim]", soft_wrap=True)
+
+
+def _code_eval(loaded, engine, out: Path, max_new_tokens: int, candidates: int, as_json: bool) -> dict:
+    """`lmqa eval --tasks code`: each source tree of prompts/code_questions.jsonl
+    read and asked its questions; the table printed (unless --json) and
+    OUT/code.json written."""
+    from lmqa.engine.generation import SamplingConfig
+    from lmqa.evaluation import code_eval
+    from lmqa.qa.trace_export import write_json
+
+    questions = code_eval.load_questions()
+    sampling = SamplingConfig(max_new_tokens=max_new_tokens, candidates=candidates)
+    results = []
+
+    def said(r) -> None:
+        err.print(f"[dim]code {escape(r.tree)}: {'ok' if r.correct else 'wrong'}, evidence "
+                  f"{'hit' if r.evidence_hit else 'missed'}, BM25 {'ok' if r.bm25_correct else 'wrong'} in "
+                  f"{r.seconds:.1f} s: {escape(r.question)!r} -> {escape(r.answer[:90])!r}[/dim]",
+                  soft_wrap=True, highlight=False)
+
+    for tree in dict.fromkeys(q.tree for q in questions):
+        results += code_eval.run_tree(tree, [q for q in questions if q.tree == tree], loaded, engine, sampling,
+                                      lambda total: _prefill_bar(total, f"reading {tree}"), said)
+    data = code_eval.report(results, loaded.name, sampling)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        write_json(out / "code.json", data)
+    except OSError as e:
+        raise UserError(f"{out}: could not write the results ({e.strerror or e})") from None
+    if not as_json:
+        console.print(code_eval.table(data["summary"], f"lmqa eval code: {loaded.name}, k={loaded.landmark.top_k}"))
+    err.print(f"[dim]wrote {escape(str(out / 'code.json'))}[/dim]", soft_wrap=True)
+    return data
 
 
 def _bookqa(loaded, engine, out: Path, directory: Optional[Path], books: Optional[str], limit: Optional[int],
@@ -477,7 +509,7 @@ def _open_context(path: Path, model, quantize, device, kv_offload, top_k, block_
 IncludeOpt = Annotated[Optional[list[str]], typer.Option("--include", help="Codebases: read only files matching this .gitignore-style glob (repeatable).")]
 ExcludeOpt = Annotated[Optional[list[str]], typer.Option("--exclude", help="Codebases: skip files and directories matching this .gitignore-style glob (repeatable).")]
 BoilerplateOpt = Annotated[bool, typer.Option("--keep-boilerplate", help="Text files: keep a Project Gutenberg header and licence (cut by default: they are no part of the book, and their text would win answers).")]
-QuoteOpt = Annotated[bool, typer.Option("--quote/--no-quote", help="Documents: hold the answer to a verbatim passage of the document (as the default model is trained to answer: no invented details), or let the model use its own words. Codebase answers are never held.")]
+QuoteOpt = Annotated[bool, typer.Option("--quote/--no-quote", help="Documents: hold the answer to a verbatim passage of the document (as the default model is trained to answer: no invented details), or let the model use its own words. Codebases: answer with a definition of the symbol index (name, file:line, signature), or in the model's own words.")]
 SeedOpt = Annotated[Optional[int], typer.Option("--seed", help="Random seed for sampling (with --temperature above 0).")]
 MaxMemoryOpt = Annotated[str, typer.Option("--max-memory", help="Key/value memory to use (e.g. 4GiB, 512M; auto = 80% of the free memory where blocks live). A document whose cache exceeds it is read through a temporary file on disk; ingest always streams to its file.", envvar="LMQA_MAX_MEMORY")]
 
@@ -502,6 +534,7 @@ def _prepared_session(path: Path, include, exclude, max_memory: str, model, quan
         tokens = session.prepare()
     allowed = budget(limit, engine.device, kv_offload)
     parts = f"{len(document.segments):,} {'files' if kind == 'codebase' else 'parts'}, " if len(document.segments) > 1 else ""
+    parts += f"{document.symbols.summary()}, " if document.symbols is not None else ""
     parts += "".join(f"dropped the {escape(d)}, " for d in document.dropped)
     err.print(f"[dim]{escape(document.source)}: {parts}{tokens:,} tokens, {len(session.sources):,} blocks of "
               f"{session.block_size}; estimated key/value cache {format_size(session.cache_bytes())} "
@@ -595,7 +628,7 @@ def ask(
     session = _session(path, include, exclude, max_memory, model, quantize, device, kv_offload, top_k, block_size,
                        kv_dtype, keep_boilerplate)
     _report_memory(session.engine)
-    session.quote = session.quote and quote  # codebases are never held to quotes
+    session.quote = session.quote and quote
 
     decoder = StreamDecoder(session.loaded.tokenizer)
 
@@ -960,7 +993,7 @@ def chat(
 
     session = _session(path, include, exclude, max_memory, model, quantize, device, kv_offload, top_k, block_size,
                        kv_dtype, keep_boilerplate)
-    session.quote = session.quote and quote  # codebases are never held to quotes
+    session.quote = session.quote and quote
     config = ChatConfig(SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature, seed=seed,
                                         candidates=candidates), show_blocks, keep,
                         CACHE_DIR / "chat-history")

@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 
 from lmqa.engine.landmark_engine import LandmarkEngine
 from lmqa.evaluation.tasks import (SENTENCE_END, Evaluator, Needle, Settings, build_haystack, is_correct, load_needles,
-                           parse_depths, read_books, read_code)
+                           parse_depths, read_books)
 from lmqa.model.loading import load_model
 from lmqa.qa.prompts import template
 
@@ -32,14 +32,6 @@ def books(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def code_tree(tmp_path_factory) -> Path:
-    d = tmp_path_factory.mktemp("code")
-    for i in range(3):
-        (d / f"mod{i}.py").write_text("".join(f"def f{i}_{j}(x):\n    return x + {j}\n\n\n" for j in range(4)))
-    return d
-
-
-@pytest.fixture(scope="module")
 def tokenizer(tiny_tokenizer_dir):
     from transformers import AutoTokenizer
 
@@ -48,26 +40,23 @@ def tokenizer(tiny_tokenizer_dir):
 
 # ----- the needle set -----
 def test_needles_are_many_varied_and_answerable():
-    needles = load_needles()
-    facts = [n for n in needles if n.kind != "code"]
+    facts = load_needles()
     assert len(facts) >= 40 and len({n.kind for n in facts}) >= 6
     assert len({n.fact for n in facts}) == len(facts) and len({n.question for n in facts}) == len(facts)
     for n in facts:
         assert n.answers and any(is_correct(n.fact, [a]) for a in n.answers), n  # the fact holds its answer
         assert not is_correct(n.question, n.answers), n  # the question does not give it away
-    code = [n for n in needles if n.kind == "code"]
-    assert len(code) >= 8 and all(n.fact.startswith(f"def {n.function}(") for n in code)
 
 
 def test_needles_are_disjoint_from_training_data_and_passkey():
-    """No accepted answer or invented function name occurs in lmqa's training
+    """No accepted answer occurs in lmqa's training
     data generators, no fact has the numeric training shape, and nothing
     touches the passkey prompt."""
     generators = [ROOT / "lmqa" / "train" / name for name in ("data.py", "qa_data.py")]
     training = " ".join(p.read_text() for p in generators).lower()  # a moved file fails here, not silently
     passkey = (template("passkey") + " " + template("passkey_filler")).lower()
     for n in load_needles():
-        for word in list(n.answers) + ([n.function] if n.function else []):
+        for word in n.answers:
             assert not re.search(r"(?<!\w)" + re.escape(word.lower()) + r"(?!\w)", training), word
         assert not n.fact.startswith("Note:") and "pass key" not in n.fact.lower() + n.question.lower()
         assert not any(s and s in n.fact.lower() for s in passkey.split(". ")), n.fact
@@ -109,18 +98,16 @@ def test_parse_depths():
 
 # ----- the grid -----
 @pytest.fixture(scope="module")
-def evaluator(tiny_model_dir, books, code_tree):
+def evaluator(tiny_model_dir, books):
     loaded = load_model(str(tiny_model_dir), device="cpu", block_size=8, log=lambda m: None)
-    settings = Settings((300, 500), (0.0, 0.5, 1.0), 2, seed=1, max_new_tokens=3, max_full=400, window=350,
-                        code_tokens=400)
+    settings = Settings((300, 500), (0.0, 0.5, 1.0), 2, seed=1, max_new_tokens=3, max_full=400, window=350)
     return Evaluator(loaded, LandmarkEngine(loaded.model, loaded.landmark), settings, read_books(books),
-                     load_needles(), loaded, read_code(code_tree, loaded.tokenizer, 400))
+                     load_needles(), loaded)
 
 
 def test_grid_shape(evaluator):
     cells = list(evaluator.cells())
-    assert len(cells) == 2 * 2 * 3 * 2 + 1 * 3 * 2  # needle and passkey: lengths x depths x trials; code: depths x trials
-    assert {c[1] for c in cells if c[0] == "code"} == {400}
+    assert len(cells) == 2 * 2 * 3 * 2  # needle and passkey: lengths x depths x trials
 
 
 def test_trials_are_deterministic_and_carry_baselines(evaluator):
@@ -132,15 +119,13 @@ def test_trials_are_deterministic_and_carry_baselines(evaluator):
     short = evaluator.run("needle", 300, 0.0, 1)
     assert [t.method for t in short] == ["landmark", "truncated", "full"]
     assert short[1].answer == short[2].answer  # it fits the window: truncation cuts nothing
-    code = evaluator.run("code", 400, 1.0, 0)[0]
-    assert code.expected[0] == "mod2.py" and code.placed_depth > 0.5
 
 
 # ----- the command -----
-def test_cli_writes_table_png_and_json(tiny_model_dir, books, code_tree, tmp_path):
+def test_cli_writes_table_png_and_json(tiny_model_dir, books, tmp_path):
     out = tmp_path / "out"
     args = ("eval", "--model", tiny_model_dir, "--baseline-model", tiny_model_dir, "--lengths", "300", "--depths",
-            "0,100", "--trials", 1, "--books", books, "--code", code_tree, "--code-tokens", 400, "--max-new-tokens", 2,
+            "0,100", "--trials", 1, "--books", books, "--tasks", "needle,passkey", "--max-new-tokens", 2,
             "--device", "cpu", "-o", out)
     res = run(CliRunner(), *args, "--json")
     assert_ok(res)
@@ -149,8 +134,7 @@ def test_cli_writes_table_png_and_json(tiny_model_dir, books, code_tree, tmp_pat
     assert json.loads((out / "eval.json").read_text()) == data
     assert (out / "eval.png").read_bytes()[:4] == b"\x89PNG"
     assert {(t["task"], t["method"]) for t in data["trials"]} == {
-        ("needle", "landmark"), ("needle", "truncated"), ("needle", "full"), ("passkey", "landmark"),
-        ("code", "landmark"), ("code", "truncated"), ("code", "full")}
+        ("needle", "landmark"), ("needle", "truncated"), ("needle", "full"), ("passkey", "landmark")}
     for t in data["trials"]:
         assert {"question", "answer", "correct", "evidence_hit", "seconds", "depth", "length"} <= set(t)
     needle_rows = [r for r in data["summary"] if r["task"] == "needle" and r["method"] == "landmark"]

@@ -1,6 +1,6 @@
 """`lmqa eval`: does the answer come from the document, at any length and depth?
 
-Three tasks, each a grid of trials (NIAH/RULER style), all greedy and seeded
+Two tasks, each a grid of trials (NIAH/RULER style), all greedy and seeded
 per trial so a cell's results do not depend on which other cells run:
 
 * needle: one invented fact (prompts/eval_needles.jsonl, evaluation only)
@@ -12,8 +12,8 @@ per trial so a cell's results do not depend on which other cells run:
   (prompt head, the document's end, the question) and over all of it
   where that fits --max-full.
 * passkey: the paper's test (passkey.py) on the same lengths and depths.
-* code: an invented function written into one file of a source tree (the
-  file at the requested depth), asked "which file defines ...".
+
+Questions about real source trees are `--tasks code` (code_eval.py).
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from pathlib import Path
 from lmqa.engine.landmark_engine import LandmarkEngine
 from lmqa.qa.evidence import holds, passages
 from lmqa.engine.generation import SamplingConfig, generate, generate_full_attention
-from lmqa.ingest import Document, IngestError, ingest
+from lmqa.ingest import Document
 from lmqa.ingest.document import DocumentBuilder
 from lmqa.model.loading import LoadedModel
 from .passkey import first_integer, make_case
@@ -41,8 +41,7 @@ from lmqa.qa.session import DocumentSession, QAPrompt
 ROOT = Path(__file__).resolve().parents[2]
 NEEDLES = PROMPTS_DIR / "eval_needles.jsonl"
 BOOKS = Path("shared/books/eval")  # relative to the repository (or the directory above it)
-CODE = ROOT / "lmqa"
-TASKS = ("needle", "passkey", "code")
+TASKS = ("needle", "passkey")
 GUTENBERG = re.compile(r"\*\*\* ?START OF.*?\*\*\*(.*?)(\*\*\* ?END OF|\Z)", re.S)
 
 
@@ -52,11 +51,10 @@ class EvalError(Exception):
 
 @dataclass(frozen=True)
 class Needle:
-    kind: str  # name, place, object, date, quantity, relation, quote; or code
-    fact: str  # the sentence (or, for code, the function's source) put into the haystack
+    kind: str  # name, place, object, date, quantity, relation, quote
+    fact: str  # the sentence put into the haystack
     question: str
-    answers: tuple[str, ...]  # any one of them in the answer counts; code needles are answered by their file
-    function: str | None = None
+    answers: tuple[str, ...]  # any one of them in the answer counts
 
 
 def load_needles(path: Path = NEEDLES) -> list[Needle]:
@@ -65,8 +63,7 @@ def load_needles(path: Path = NEEDLES) -> list[Needle]:
     for line in path.read_text().splitlines():
         record = json.loads(line)
         if "fact" in record:
-            out.append(Needle(record["kind"], record["fact"], record["question"], tuple(record["answers"]),
-                              record.get("function")))
+            out.append(Needle(record["kind"], record["fact"], record["question"], tuple(record["answers"])))
     return out
 
 
@@ -154,47 +151,6 @@ def one_file(text: str, title: str) -> Document:
     return builder.build()
 
 
-@dataclass(frozen=True)
-class CodeTree:
-    """Source files (path relative to the tree, text) up to a token budget."""
-
-    root: str
-    files: list[tuple[str, str]]
-
-
-def read_code(path: Path, tokenizer, max_tokens: int) -> CodeTree:
-    """The tree's files as `lmqa ask DIR` reads them, in its order, while
-    they fit max_tokens."""
-    try:
-        document = ingest(path)
-    except IngestError as e:
-        raise EvalError(str(e)) from None
-    files, total = [], 0
-    for segment in document.segments:
-        body = document.text[segment.char_start : segment.char_end]
-        total += len(tokenizer(body, add_special_tokens=False).input_ids) + 8  # + its "===== path =====" line
-        if files and total > max_tokens:
-            break
-        files.append((segment.title, body))
-    return CodeTree(str(path), files)
-
-
-def plant_function(tree: CodeTree, needle: Needle, depth: float, rng: random.Random) -> tuple[Document, str, int]:
-    """The tree as a codebase document with needle's function written before
-    a random top-level definition (or at the end) of the file at depth.
-    Returns (document, that file's path, the function's character offset)."""
-    index = min(int(depth * len(tree.files)), len(tree.files) - 1)
-    title, body = tree.files[index]
-    tops = [m.start() for m in re.finditer(r"^(?:def |class |@)", body, re.M)] + [len(body)]
-    at = rng.choice(tops)
-    planted = body[:at] + ("" if at == 0 or body[at - 1] == "\n" else "\n") + needle.fact + "\n\n" + body[at:]
-    builder = DocumentBuilder(tree.root)
-    for i, (name, text) in enumerate(tree.files):
-        builder.add(name, "file", planted if i == index else text, header=True)
-    document = builder.build()
-    return document, title, document.segments[index].char_start + planted.index(needle.fact)
-
-
 @dataclass
 class Trial:
     task: str
@@ -225,26 +181,23 @@ class Settings:
     candidates: int = 1  # whole answers to choose among (SamplingConfig.candidates)
     max_full: int = 8192  # base model over the whole prompt up to this many tokens
     window: int = 8192  # the base model's own context: the truncated baseline keeps this much
-    code_tokens: int = 16000
 
 
 class Evaluator:
     """Runs the grid. progress(n) reports engine positions prefilled."""
 
     def __init__(self, loaded: LoadedModel, engine: LandmarkEngine, settings: Settings, books: list[str],
-                 needles: list[Needle], baseline: LoadedModel | None = None, code: CodeTree | None = None,
+                 needles: list[Needle], baseline: LoadedModel | None = None,
                  progress: Callable[[int], None] | None = None):
         self.loaded, self.engine, self.settings = loaded, engine, settings
-        self.books, self.baseline, self.code = books, baseline, code
-        self.facts = [n for n in needles if n.kind != "code"]
-        self.functions = [n for n in needles if n.kind == "code"]
+        self.books, self.baseline, self.facts = books, baseline, needles
         self.progress = progress
         self.sampling = SamplingConfig(max_new_tokens=settings.max_new_tokens, candidates=settings.candidates)
 
     def cells(self) -> Iterator[tuple[str, int, float, int]]:
         s = self.settings
         for task in s.tasks:
-            for length in (s.lengths if task != "code" else (s.code_tokens,)):
+            for length in s.lengths:
                 for depth in s.depths:
                     for trial in range(s.trials):
                         yield task, length, depth, trial
@@ -269,15 +222,6 @@ class Evaluator:
         return self._ask(document, needle.question, list(needle.answers), (hay.needle_start, hay.needle_end),
                          ("needle", length, depth, trial, hay.depth))
 
-    def _code(self, rng: random.Random, length: int, depth: float, trial: int) -> list[Trial]:
-        if self.code is None or not self.functions:
-            raise EvalError("the code task needs a source tree and code needles")
-        needle = rng.choice(self.functions)
-        document, path, at = plant_function(self.code, needle, depth, rng)
-        placed = at / len(document.text)
-        return self._ask(document, needle.question, [path, Path(path).name], (at, at + len(needle.fact)),
-                         ("code", length, depth, trial, placed), kind="codebase", scored_by=[Path(path).name])
-
     def _passkey(self, rng: random.Random, length: int, depth: float, trial: int) -> list[Trial]:
         tok = self.loaded.tokenizer
         case = make_case(tok, length, rng, depth)
@@ -293,11 +237,10 @@ class Evaluator:
     def _ids(self, text: str) -> list[int]:
         return self.loaded.tokenizer(text, add_special_tokens=False).input_ids
 
-    def _ask(self, document: Document, question: str, expected: list[str], span: tuple[int, int], where: tuple,
-             kind: str = "document", scored_by: list[str] | None = None) -> list[Trial]:
+    def _ask(self, document: Document, question: str, expected: list[str], span: tuple[int, int],
+             where: tuple) -> list[Trial]:
         task, length, depth, trial, placed = where
-        accepted = scored_by or expected
-        session = DocumentSession(self.loaded, self.engine, document, kind)
+        session = DocumentSession(self.loaded, self.engine, document)
         start = time.perf_counter()
         session.ingest(self.progress)
         answer = session.ask(question, self.sampling)
@@ -305,21 +248,20 @@ class Evaluator:
         found = passages(session, answer.evidence)
         tokens = session.prepare() + answer.timings.question_tokens
         results = [Trial(task, "landmark", length, depth, trial, tokens, placed, question, expected, answer.text,
-                         is_correct(answer.text, accepted), seconds,
+                         is_correct(answer.text, expected), seconds,
                          holds(session, found, *span), [p.location for p in found],
                          answer.refusal_scores)]
         if self.baseline is not None:
-            results += self._baselines(document, kind, question, expected, accepted, where)
+            results += self._baselines(document, question, expected, where)
         return results
 
-    def _baselines(self, document: Document, kind: str, question: str, expected: list[str], accepted: list[str],
-                   where: tuple) -> list[Trial]:
+    def _baselines(self, document: Document, question: str, expected: list[str], where: tuple) -> list[Trial]:
         """The base model with its own full attention over the prompt's head,
         as much of the document's end as fits its window, and the question;
         and over the whole prompt where that fits --max-full."""
         task, length, depth, trial, placed = where
         s = self.settings
-        session = DocumentSession(self.baseline, None, document, kind)  # the same prompt, tokenized; no engine
+        session = DocumentSession(self.baseline, None, document)  # the same prompt, tokenized; no engine
         tok = self.baseline.tokenizer
         ids, tail = session.token_ids, tok(session.prompt.tail(question), add_special_tokens=False).input_ids
         head, body = ids[: session.doc_token_start], ids[session.doc_token_start :]
@@ -337,7 +279,7 @@ class Evaluator:
                 done[key] = (tok.decode(generated, skip_special_tokens=True).strip(), time.perf_counter() - start)
             text, seconds = done[key]
             out.append(Trial(task, method, length, depth, trial, len(prompt), placed, question, expected, text,
-                             is_correct(text, accepted), seconds))
+                             is_correct(text, expected), seconds))
         return out
 
 
