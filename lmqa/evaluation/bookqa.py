@@ -174,8 +174,9 @@ Bar = Callable[[int], tuple[AbstractContextManager, Callable[[int], None]]]  # t
 def open_book(path: Path, loaded: LoadedModel, engine: LandmarkEngine, cache: Path,
               bar: Bar | None = None) -> tuple[DocumentSession, float]:
     """The book as `lmqa ask BOOK.lmqa` opens it, ingesting it first (as
-    `lmqa ingest` does) unless the cache holds a context this model can use.
-    Returns the session and the seconds the ingest took (0 when reused)."""
+    `lmqa ingest --resume` does: an interrupted run's work is continued)
+    unless the cache holds a context this model can use. Returns the
+    session and the seconds the ingest took (0 when reused)."""
     target = context_path(cache, path.name, loaded)
     if target.is_file():
         try:
@@ -191,7 +192,7 @@ def open_book(path: Path, loaded: LoadedModel, engine: LandmarkEngine, cache: Pa
     cache.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     with display:
-        ingest_file(session, target, progress=advance)
+        ingest_file(session, target, resume=True, progress=advance)
     return load(target, loaded, "cpu"), time.perf_counter() - start
 
 
