@@ -213,3 +213,12 @@ def test_every_answer_of_the_code_eval_names_real_things():
         for result in run_tree(tree, [q for q in questions if q.tree == tree], loaded, engine, SamplingConfig()):
             printed_things_exist(result.answer, document)
             printed_things_exist(result.bm25_answer, document)
+
+
+def test_the_definitions_passage_comes_first():
+    from lmqa.code.answer import definition_first
+    from lmqa.qa.evidence import Passage
+
+    other, own = Passage((1,), 1, "utils.py", 1, 5, 2.0, 0.5, "a"), Passage((3,), 3, "utils.py", 5, 14, 1.0, 0.2, "b")
+    assert definition_first("`mail.utils.parse_address(text)` in utils.py:6", [other, own]) == [own, other]
+    assert definition_first("`mail.web.app.greet(name)` in web/app.js:2", [other, own]) == [other, own]

@@ -31,6 +31,7 @@ from .symbols import Definition, SymbolIndex, index_document
 
 if TYPE_CHECKING:
     from lmqa.ingest import Document
+    from lmqa.qa.evidence import Passage
     from lmqa.qa.session import DocumentSession
 
 CANDIDATES = 10  # definitions BM25 hands the model to read, besides those the question names
@@ -179,6 +180,17 @@ def named_in(text: str) -> tuple[list[str], list[tuple[str, int]]]:
     """The qualified names (each backticked span's leading name) and the
     file:line locations a code answer prints, in order."""
     return _NAMED.findall(text), [(path, int(line)) for path, line in _LOCATION.findall(text)]
+
+
+def definition_first(text: str, found: list[Passage]) -> list[Passage]:
+    """Evidence passages with the one holding the answer's definition (the
+    first file:line it prints) first; the rest in their order."""
+    locations = named_in(text)[1]
+    if not locations:
+        return found
+    path, line = locations[0]
+    first = [p for p in found if p.file == path and p.start_line <= line <= p.end_line][:1]
+    return first + [p for p in found if p not in first]
 
 
 def search_of(document: Document) -> DefinitionSearch:
