@@ -204,7 +204,7 @@ def _shift(spans: list[tuple[int, int]], by: int) -> tuple[tuple[int, int], ...]
 
 
 def _series(items: list[str]) -> str:
-    """"a", "a and b"-style: RULER's ", and " list of queried keys."""
+    """RULER's list of the queried keys: "a", or "a, b, c, and d"."""
     return items[0] if len(items) == 1 else ", ".join(items[:-1]) + ", and " + items[-1]
 
 
@@ -406,10 +406,10 @@ class RulerEvaluator:
 
     def _size(self, make: Callable[[int], Any], count: Callable[[Any], int], length: int, low: int, start: int,
               most: int | None = None) -> tuple[Any, int]:
-        """The largest made thing of about `length` tokens (within 1%
-        below it) and its haystack units n (words, lines or list entries,
-        from `low` to `most`): secant steps on n from `start`, since tokens
-        grow about linearly with n."""
+        """make(n) with the most haystack units n (words, lines or list
+        entries, `low` to `most`) whose count() is at most `length` tokens,
+        within 1% (or one unit) of it, and that n: secant steps on n from
+        `start`, as tokens grow about linearly with n."""
         slack = max(length // 100, 16)
         tried: dict[int, int] = {}
         best: tuple[Any, int] | None = None
@@ -468,8 +468,7 @@ class RulerEvaluator:
 
             count = self._count if name == "vt_example" else self.total
             low, most = self._limits(name)
-            self._sizes[key] = self._size(make, count, length, low, low * 4 if most is None else min(low * 4, most),
-                                          most)[1]
+            self._sizes[key] = self._size(make, count, length, low, min(low * 4, most or low * 4), most)[1]
         return self._sizes[key]
 
     def sample(self, task: str, length: int, index: int) -> Sample:
