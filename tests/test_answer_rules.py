@@ -221,56 +221,79 @@ def answer_score(prompt: list[int], ids: list[int], stops: set[int]) -> float:
     return (total + max(float(torch.log_softmax(logits.float(), -1)[s]) for s in stops)) / (len(ids) + 1)
 
 
+def wide_engine() -> LandmarkEngine:
+    """tiny_engine's model with top_k above any block count here: every block
+    is retrieved, so reading a candidate in one feed and token by token see
+    the same context and must score alike."""
+    model = make_tiny_llama(vocab=64, seed=0)
+    cfg = LandmarkConfig(landmark_id=LANDMARK, block_size=5, top_k=16, train_context=256)
+    return LandmarkEngine(model, cfg, offload="cpu", prefill="serial")
+
+
+def reference_score(prompt: list[int], ids: list[int], stops: set[int]) -> float:
+    """Mean log p per token of ids and the likeliest stop, fed token by token."""
+    engine = wide_engine()
+    logits, total = engine.feed(prompt), 0.0
+    for t in ids:
+        total += float(torch.log_softmax(logits.float(), -1)[t])
+        logits = engine.feed([t])
+    return (total + max(float(torch.log_softmax(logits.float(), -1)[s]) for s in stops)) / (len(ids) + 1)
+
+
 @pytest.mark.parametrize("seed", range(3))
-def test_best_answer_is_the_likeliest_of_the_candidates_and_leaves_one_answer_in_the_engine(seed):
-    from lmqa.qa.answer_search import best_answer
+def test_read_score_in_one_feed_equals_token_by_token(seed):
+    from lmqa.qa.answer_search import read_score
 
     rng = random.Random(seed)
-    prompt, stops, n = [rng.randrange(2, 64) for _ in range(17)], {3, 4}, 4
-    firsts = torch.log_softmax(tiny_engine().feed(prompt).float(), -1).topk(n).indices.tolist()
-    greedy = max((greedy_from(prompt, f, stops, 6) for f in firsts), key=lambda c: c[0])
-    expected = greedy[1]
-    engine, streamed = tiny_engine(), []
-    out = best_answer(engine, engine.feed(prompt), SamplingConfig(max_new_tokens=6), stops, n, on_token=streamed.append)
-    assert out == streamed == [t for t in expected if t not in stops]
-    plain = tiny_engine()
-    plain.feed(prompt)
-    for t in out:
-        plain.feed([t])
-    assert engine.n_tokens == plain.n_tokens and len(engine.trace.steps) == len(plain.trace.steps)
-    engine = tiny_engine()
-    single = best_answer(engine, engine.feed(prompt), SamplingConfig(max_new_tokens=6), stops, 1)
-    assert single == generate(tiny_engine(), prompt, SamplingConfig(max_new_tokens=6), stops)
+    prompt, stops = [rng.randrange(5, 64) for _ in range(17)], {3, 4}
+    engine = wide_engine()
+    logits = engine.feed(prompt)
+    before = (engine.n_tokens, len(engine.trace.steps))
+    for length in (0, 1, 4, 9):
+        ids = [rng.randrange(5, 64) for _ in range(length)]
+        assert read_score(engine, logits, ids, stops) == pytest.approx(reference_score(prompt, ids, stops), abs=1e-4)
+        assert (engine.n_tokens, len(engine.trace.steps)) == before  # rolled back
 
 
-def test_best_answer_reads_proposals_as_whole_answers():
-    """Proposals (greedy completions of the 2nd..6th likeliest first tokens,
-    which plain greedy with n=1 never tries, and random ones) are scored as
-    whole answers: the likeliest of all wins, over several prompts, some won
-    by a proposal and some by the greedy answer."""
-    from lmqa.qa.answer_search import best_answer
+@pytest.mark.parametrize("seed", range(3))
+def test_the_likeliest_candidate_wins_and_one_answer_is_left_in_the_engine(seed):
+    """Greedy completions of the n likeliest first tokens and proposals (one
+    forbidden by a processor, one repeated) are scored as whole answers; the
+    best by the slow reference wins and is the only answer fed."""
+    from lmqa.qa.answer_search import candidates, choose, emit
 
-    rng, stops, winners = random.Random(5), {3, 4}, set()
-    for _ in range(6):
-        prompt = [rng.randrange(2, 64) for _ in range(17)]
-        firsts = torch.log_softmax(tiny_engine().feed(prompt).float(), -1).topk(6).indices.tolist()
-        greedy = greedy_from(prompt, firsts[0], stops, 6)
-        proposals = [[t for t in greedy_from(prompt, f, stops, 6)[1] if t not in stops] for f in firsts[1:]]
-        proposals += [[rng.randrange(5, 64) for _ in range(3)]]
-        scored = [(greedy[0], [t for t in greedy[1] if t not in stops], "greedy")]
-        scored += [(answer_score(prompt, p, stops), p, "proposal") for p in proposals if p]
-        _, want, winner = max(scored, key=lambda c: c[0])
-        engine, streamed = tiny_engine(), []
-        out = best_answer(engine, engine.feed(prompt), SamplingConfig(max_new_tokens=6), stops, 1,
-                          proposals=proposals, on_token=streamed.append)
-        assert out == streamed == want
-        assert engine.n_tokens == len(prompt) + len(out)  # one answer left in the engine
-        winners.add(winner)
-        # a proposal whose first token the processors forbid is not read
-        if winner == "proposal":
-            forbid = lambda logits, generated, t=want[0]: logits.index_fill(0, torch.tensor([t]), float("-inf"))  # noqa: E731
-            engine = tiny_engine()
-            out = best_answer(engine, engine.feed(prompt), SamplingConfig(max_new_tokens=6), stops, 1, (forbid,),
-                              proposals=[want])
-            assert out[:1] != want[:1]
-    assert winners == {"greedy", "proposal"}
+    rng, stops = random.Random(seed), {3, 4}
+    prompt = [rng.randrange(5, 64) for _ in range(17)]
+    proposals = [[rng.randrange(5, 64) for _ in range(rng.randrange(1, 6))] for _ in range(4)]
+    forbidden = proposals[0][0]
+    forbid = lambda logits, generated: logits.index_fill(0, torch.tensor([forbidden]), float("-inf"))  # noqa: E731
+    engine = wide_engine()
+    logits = engine.feed(prompt)
+    options = candidates(engine, logits, 3, 6, stops, (forbid,), proposals + [proposals[1]])
+    assert engine.n_tokens == len(prompt)
+    assert len(options) == len({tuple(o) for o in options}) and all(o[:1] != [forbidden] for o in options)
+    assert [p for p in proposals[1:] if p[0] != forbidden] == [o for o in options if o in proposals]
+    best, scores = choose(engine, logits, options, stops)
+    reference = [reference_score(prompt, o, stops) for o in options]
+    assert scores == pytest.approx(reference, abs=1e-4)
+    assert best == options[max(range(len(options)), key=reference.__getitem__)]
+    streamed = []
+    assert emit(engine, best, streamed.append) == streamed == best
+    assert engine.n_tokens == len(prompt) + len(best)
+
+
+def test_a_baseline_scores_candidates_by_what_the_question_adds():
+    """With a baseline (mean log p per token after a neutral question), an
+    option scores by its total gain: a long answer the question lifts a
+    little per token beats a short one it lifts more, and one it does not
+    lift loses however likely it is."""
+    from lmqa.qa.answer_search import choose
+
+    engine, stops = wide_engine(), {3, 4}
+    logits = engine.feed([7, 8, 9, 10, 11, 12])
+    options = [[20, 21, 22, 23, 24, 25, 26], [30], [40, 41, 42]]
+    _, plain = choose(engine, logits, options, stops)
+    baseline = [plain[0] - 1.0, plain[1] - 2.0, plain[2] + 0.5]
+    best, scores = choose(engine, logits, options, stops, baseline)
+    assert scores == pytest.approx([8.0, 4.0, -2.0])
+    assert best == options[0]

@@ -238,6 +238,35 @@ def test_passages_cap_a_run_and_look_elsewhere(session):
     assert [p.blocks for p in found] == [(a, a + 1, a + 2), (a + 4,), (a + 8,)]
 
 
+def test_a_quoted_passage_leads_whatever_its_mass(session):
+    """An answer that repeats the document is shown where it repeats it
+    first, before blocks with more attention (the ones nearest the question)."""
+    from lmqa.qa.evidence import quoted_span
+
+    a = first_whole_block(session) + 1
+    mass = at_blocks(session, {a: 1.0, a + 6: 9.0})
+    text = session.document.text
+    start = text.index("Line 9:")
+    span = quoted_span(session, "Line 9: the sky is\n blue.  The pass key is 4711.", TokenMass(mass, rows=1))
+    assert span == (start, text.index("4711.") + len("4711."))
+    found = passages(session, TokenMass(mass, rows=1, quoted=(span,)))
+    held = [b for b, s in session.sources.items() if s.char_start < span[1] and s.char_end > span[0]]
+    assert list(found[0].blocks) == held[:3] and found[1].blocks == (a + 6,)
+    assert quoted_span(session, "The sky is green.", TokenMass(mass, rows=1)) is None
+
+
+def test_of_several_places_the_quote_is_the_most_attended(session):
+    from lmqa.qa.evidence import quoted_span
+
+    text, b = session.document.text, session.block_size
+    places = [m for m in range(len(text)) if text.startswith("the sky is blue.", m)]
+    late = max(places)
+    block = next(k for k, s in session.sources.items() if s.char_start <= late < s.char_end)
+    mass = at_blocks(session, {block: 5.0})
+    span = quoted_span(session, "the sky is blue.", TokenMass(mass, rows=1))
+    assert span[0] in places and session.sources[block].char_start < span[1] and span[0] < session.sources[block].char_end
+
+
 def test_excerpt_cuts_at_a_word():
     assert excerpt("a  b\n c") == "a b c"
     cut = excerpt("word " * 100, width=42)

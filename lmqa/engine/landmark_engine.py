@@ -193,16 +193,18 @@ class LandmarkEngine:
 
     # ----- feeding tokens -----
     @torch.inference_mode()
-    def feed(self, ids: list[int], progress=None) -> torch.Tensor:
+    def feed(self, ids: list[int], progress=None, every: bool = False) -> torch.Tensor:
         """Consume ordinary tokens (landmarks are inserted here); return the
-        logits [vocab] that follow the last one."""
+        logits [vocab] that follow the last one, or with every=True those
+        that follow each of them, [len(ids), vocab] (scoring a whole candidate
+        answer in one short feed; its tokens share the chunk's retrieval)."""
         if not ids:
             raise ValueError("nothing to feed")
         if self.auto_offload is not None:
             self.auto_offload.before_feed(self, len(ids))
         # Shorter than a prefill chunk (a question, a chat turn), a feed is one
         # chunk either way: serially, it skips compiling layer-major kernels on CUDA.
-        if self.prefill == "layer" and len(ids) >= self.config.prefill_chunk:
+        if self.prefill == "layer" and len(ids) >= self.config.prefill_chunk and not every:
             return layer_major_feed(self, ids, progress)
         cfg = self.config
         stream = insert_landmarks(ids, cfg.block_size, cfg.landmark_id, filled=self.open_len)
@@ -211,25 +213,29 @@ class LandmarkEngine:
             if logits is not None:
                 if progress is not None:
                     progress(1)
-                return logits
+                return logits[None] if every else logits
         # The stream's last ordinary token is the one whose logits we return;
         # a landmark closing its block may follow it and is causal-invisible to it.
         last_ordinary = len(stream) - 1 - (stream[-1] == cfg.landmark_id)
-        logits = None
+        logits, outs = None, []
         start = 0
         while start < len(stream):
             room = cfg.prefill_chunk - self.open_len
             piece = stream[start : start + max(room, 1)]
-            want = last_ordinary - start if start <= last_ordinary < start + len(piece) else None
+            if every:
+                want = [i for i, t in enumerate(piece) if t != cfg.landmark_id] or None
+            else:
+                want = last_ordinary - start if start <= last_ordinary < start + len(piece) else None
             out = self._step(piece, want)
             if out is not None:
                 logits = out
+                outs.append(out)
             start += len(piece)
             if progress is not None:
                 progress(len(piece))
-        return logits
+        return torch.cat(outs) if every else logits
 
-    def _step(self, piece: list[int], logits_at: int | None) -> torch.Tensor | None:
+    def _step(self, piece: list[int], logits_at: int | list[int] | None) -> torch.Tensor | None:
         cfg = self.config
         S, k = cfg.slot, cfg.top_k
         ids = torch.tensor(piece, device=self.device)[None]
@@ -301,7 +307,7 @@ class LandmarkEngine:
         if logits_at is None:
             return None
         last = self.llama.norm(h[:, logits_at])
-        logits = self.model.lm_head(last)[0].float()
+        logits = self.model.lm_head(last)[0].float()  # [vocab], or [len(logits_at), vocab] for a list
         return forbid_landmark(logits, self.config.landmark_id)
 
     def _landmark_rope(self, rope: RopeTables) -> tuple[torch.Tensor, torch.Tensor]:

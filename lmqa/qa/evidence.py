@@ -17,6 +17,7 @@ the open block while the answer is generated) is evidence too.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -33,10 +34,14 @@ RUN = 3  # neighbouring blocks merged into one passage, at most
 class TokenMass:
     """Attention mass per ordinary token (float64, [n]: block i holds tokens
     i*b .. i*b+b-1), summed over `rows` query rows (layers x query heads x
-    answer tokens); mass / rows is a token's mean share of the answer's attention."""
+    answer tokens); mass / rows is a token's mean share of the answer's attention.
+    quoted: the document's characters [start, end) that a quoting answer
+    repeats, one span per quote (a list answer has several); their blocks
+    lead the evidence (see passages())."""
 
     mass: torch.Tensor
     rows: int
+    quoted: tuple[tuple[int, int], ...] = ()
 
 
 class EvidenceRecorder:
@@ -108,17 +113,29 @@ def document_mass(session: DocumentSession, evidence: TokenMass) -> torch.Tensor
 
 
 def passages(session: DocumentSession, evidence: TokenMass | None, limit: int = PASSAGES) -> list[Passage]:
-    """Up to `limit` passages, most mass first. Blocks are taken by mass: a
-    block next to a passage in the same file joins it (up to RUN blocks), a
-    block next to a full passage is passed over, any other starts a new one,
-    so a run of neighbours shows as one passage and the rest go elsewhere."""
+    """Up to `limit` passages (at least one per quote): the passages an answer
+    quotes first, then most mass first. Attention mass alone favours the blocks nearest the question
+    (the book's last lines) and easy text, so a quote's own place in the
+    document is the first evidence whatever its mass. Blocks are taken in that
+    order: a block next to a passage in the same file joins it (up to RUN
+    blocks), a block next to a full passage is passed over, any other starts a
+    new one, so a run of neighbours shows as one passage and the rest go elsewhere."""
     if evidence is None or not evidence.rows:
         return []
     mass = document_mass(session, evidence)
     runs: list[list[int]] = []
+    for span in evidence.quoted:
+        run = [b for b in _blocks_of(session, *span)[:RUN] if not any(b in r for r in runs)]
+        if run:
+            runs.append(run)
+    quoted, limit = {b for r in runs for b in r}, max(limit, len(runs))
+    mass = torch.nn.functional.pad(mass, (0, max(quoted, default=-1) + 1 - len(mass))) if quoted else mass
+    leading = len(runs)
     for block in mass.argsort(descending=True, stable=True).tolist():
         if mass[block] <= 0:
             break
+        if block in quoted:
+            continue
         near = [r for r in runs if block in (r[0] - 1, r[-1] + 1) and _same_part(session, block, r[0])]
         if near:
             if len(near[0]) < RUN:
@@ -129,14 +146,33 @@ def passages(session: DocumentSession, evidence: TokenMass | None, limit: int = 
         else:
             break
     found = [_passage(session, run, mass, evidence.rows) for run in runs]
-    return sorted(found, key=lambda p: (-p.mass, p.blocks[0]))
+    return found[:leading] + sorted(found[leading:], key=lambda p: (-p.mass, p.blocks[0]))
 
 
 def holds(session: DocumentSession, found: list[Passage], start: int, end: int) -> bool:
     """Does one of the passages `found` hold a block with any of the
     document's characters [start, end) (a planted fact, in evaluation)?"""
-    blocks = {b for b, s in session.sources.items() if s.char_start < end and s.char_end > start}
-    return any(blocks & set(p.blocks) for p in found)
+    return any(set(_blocks_of(session, start, end)) & set(p.blocks) for p in found)
+
+
+def quoted_span(session: DocumentSession, answer: str, evidence: TokenMass) -> tuple[int, int] | None:
+    """Where in the document the answer's text occurs (whitespace matching any
+    whitespace, as quotes are held); of several places, the one whose blocks
+    the answer attended to most. None when it is not a passage of the document."""
+    words = answer.split()
+    if not words:
+        return None
+    pattern = re.compile(r"\s+".join(map(re.escape, words)))
+    spans = [m.span() for m in pattern.finditer(session.document.text)]
+    if len(spans) > 1:
+        mass = document_mass(session, evidence)
+        return max(spans, key=lambda s: sum(float(mass[b]) for b in _blocks_of(session, *s) if b < len(mass)))
+    return spans[0] if spans else None
+
+
+def _blocks_of(session: DocumentSession, start: int, end: int) -> list[int]:
+    """The document blocks holding any of the characters [start, end), in order."""
+    return sorted(b for b, s in session.sources.items() if s.char_start < end and s.char_end > start)
 
 
 def _same_part(session: DocumentSession, left: int, right: int) -> bool:

@@ -36,3 +36,8 @@ def sentences_around(text: str, start: int, end: int) -> list[tuple[int, int]]:
         if a < b and a < end and b > start:
             out.append((a, b))
     return out
+
+
+def sentence_spans(text: str) -> list[tuple[int, int]]:
+    """Every sentence of text, as sentences_around() cuts them."""
+    return sentences_around(text, 0, len(text))

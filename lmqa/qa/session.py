@@ -12,13 +12,18 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
+from lmqa.code.answer import answer_code
 from lmqa.engine.landmark_engine import LandmarkEngine, Mark, RetrievalStep
 from .abstention import AbstentionPrior
-from .answer_search import best_answer
-from .evidence import EvidenceRecorder, TokenMass, document_mass
+import torch
+
+from .answer_search import candidates, choose, emit, read_score
+from .evidence import EvidenceRecorder, TokenMass, document_mass, quoted_span
+from .lexical import SentenceIndex
+from .list_answers import pick_items, requested_items
 from lmqa.engine.generation import LogitsProcessor, SamplingConfig, generate
 from lmqa.ingest import BlockSource, Document, build_source_map, kv_cache_bytes, tokenize_document
 from lmqa.model.loading import LoadedModel
@@ -29,7 +34,12 @@ from .sentences import sentences_around
 DocumentKind = Literal["document", "codebase"]
 KINDS: tuple[str, ...] = ("document", "codebase")
 
-PROPOSAL_BLOCKS = 6  # blocks whose sentences are read as candidate answers (DocumentSession.proposals)
+PROPOSAL_BLOCKS = 6  # blocks whose sentences are read as candidate answers (DocumentSession.proposals), per ranking
+LEXICAL_SENTENCES = 8  # BM25's best sentences read as candidate answers too
+NEIGHBOUR_OF, NEIGHBOUR_CHARS = 3, 400  # second round: sentences this near the three best quotes
+# What the question-free baseline asks (answer_search.py): a question about nothing in particular, so the
+# likelihood a candidate keeps is what it owes to being easy to quote, not to the question.
+NEUTRAL_QUESTION = "What does the document say?"
 # Placeholders cut the rendered chat template at the document, the question
 # and a previous answer; control characters never occur in prompts or templates.
 _DOC, _QUESTION, _ANSWER = "\x00", "\x01", "\x02"
@@ -145,9 +155,9 @@ class DocumentSession:
     and every ask() leaves it at the document state (or at the last kept turn).
 
     quote: answers about a document are held to verbatim passages of it
-    (quote.py), as the model was trained to answer; codebase answers name
-    files in their own words and are never held. Set it False for answers
-    in the model's own words.
+    (quote.py), as the model was trained to answer; codebase answers are
+    definitions of the symbol index (lmqa/code/answer.py). Set it False for
+    answers in the model's own words.
     """
 
     def __init__(self, loaded: LoadedModel, engine: LandmarkEngine, document: Document, kind: DocumentKind = "document"):
@@ -158,8 +168,9 @@ class DocumentSession:
         self.document = document
         self.kind = kind
         self.prompt = QAPrompt(loaded, kind)
-        self.quote = kind == "document"
+        self.quote = True
         self._quotable: str | None = None  # the document's text as QuoteConstraint matches it
+        self._sentence_index: SentenceIndex | None = None
         self._ids: list[int] | None = None
         self.doc_token_start = 0  # ordinary tokens of the prompt head before the document
         self.sources: dict[int, BlockSource] = {}
@@ -242,7 +253,7 @@ class DocumentSession:
         if self._mark is None:
             raise RuntimeError("DocumentSession.ask() before ingest()")
         tok = self.loaded.tokenizer
-        ids = tok(self.prompt.tail(question, follow_up=self._turns > 0), add_special_tokens=False).input_ids
+        ids = self._question_ids(question)
         first_step = len(self.engine.trace.steps)
         times: dict[str, float] = {}
         recorder = EvidenceRecorder()
@@ -260,14 +271,33 @@ class DocumentSession:
         processors = self.answer_rules()
         start = time.perf_counter()
         try:
-            if sampling.candidates > 1 and sampling.temperature <= 0:
+            if self.quote and self.kind == "codebase":  # only names the symbol index holds
+                out = answer_code(self, question, self.engine.feed(ids, progress=prefilled), on_token=token)
+            elif sampling.candidates > 1 and sampling.temperature <= 0:
                 read = EvidenceRecorder() if self.quote else None  # where the question looks: its sentences are read
                 self.engine.record_evidence(read)
                 logits = self.engine.feed(ids, progress=prefilled)
                 self.engine.record_evidence(None)
-                proposals = self.proposals(read.result()) if read else []
-                out = best_answer(self.engine, logits, sampling, self.stop_ids(), sampling.candidates, processors,
-                                  proposals, on_token=token)
+                proposals = self.proposals(read.result(), question, self.engine.trace.steps[first_step:]) if read else []
+                stops = self.stop_ids()
+                options = candidates(self.engine, logits, sampling.candidates, sampling.max_new_tokens, stops,
+                                     processors, proposals)
+                if self.quote and len(options) > 1:
+                    scores = self._gains(options, ids, stops)
+                    near = self._neighbours(options, scores)  # a second round: the best quotes' neighbours
+                    if near:
+                        scores += self._gains(near, ids, stops)
+                        options += near
+                    best = options[max(range(len(options)), key=scores.__getitem__)]
+                else:
+                    best, scores = choose(self.engine, logits, options, stops)
+                wanted = requested_items(question) if self.quote else 1
+                if wanted > 1:  # one quote per item, a line each
+                    newline = tok("\n", add_special_tokens=False).input_ids
+                    texts = [tok.decode(o, skip_special_tokens=True) for o in options]
+                    items = [options[i] for i in pick_items(texts, scores, wanted)]
+                    best = [t for i, item in enumerate(items) for t in (newline if i else []) + item]
+                out = emit(self.engine, best, on_token=token)
             else:
                 out = generate(self.engine, ids, sampling, self.stop_ids(), on_token=token, on_prefill=prefilled,
                                processors=processors)
@@ -286,25 +316,80 @@ class DocumentSession:
         first = times.get("first", end)
         timings = Timings(len(ids), times.get("prefill", start) - start, first - start, end - first, len(out))
         refusal = next((p.scores for p in processors if isinstance(p, AbstentionPrior)), None)
-        return Answer(question, tok.decode(out, skip_special_tokens=True).strip(), out, timings, steps, self.sources,
-                      recorder.result(), refusal)
+        text, evidence = tok.decode(out, skip_special_tokens=True).strip(), recorder.result()
+        if self.quote and self.kind == "document" and text != REFUSAL:
+            spans = (quoted_span(self, line, evidence) for line in text.split("\n"))
+            evidence = replace(evidence, quoted=tuple(span for span in spans if span is not None))
+        return Answer(question, text, out, timings, steps, self.sources, evidence, refusal)
 
-    def proposals(self, question: TokenMass, blocks: int = PROPOSAL_BLOCKS) -> list[list[int]]:
-        """Whole answers for best_answer() to read: the sentences of the
-        `blocks` document blocks that the question's own tokens attended to
-        most (a fact the question asks about draws its attention), most
-        attended first, whitespace normalised as quotes are."""
-        mass = document_mass(self, question)
-        text, tok, seen, out = self.document.text, self.loaded.tokenizer, set(), []
-        for block in mass.argsort(descending=True)[:blocks].tolist():
-            source = self.sources.get(block)
-            if source is None or mass[block] <= 0:
-                break
-            for a, b in sentences_around(text, source.char_start, source.char_end):
-                if (a, b) not in seen:
-                    seen.add((a, b))
-                    out.append(tok(normalize(text[a:b]), add_special_tokens=False).input_ids)
+    def _question_ids(self, question: str) -> list[int]:
+        """The tokens fed after the document (or the last kept turn) for question."""
+        tail = self.prompt.tail(question, follow_up=self._turns > 0)
+        return self.loaded.tokenizer(tail, add_special_tokens=False).input_ids
+
+    def _gains(self, options: list[list[int]], question_ids: list[int], stops: set[int]) -> list[float]:
+        """Each option's total gain from the question (answer_search.choose
+        with a baseline read after NEUTRAL_QUESTION); the engine is left
+        after question_ids, where the answer goes."""
+        self.engine.rollback(self._mark)
+        logits = self.engine.feed(self._question_ids(NEUTRAL_QUESTION))
+        baseline = [read_score(self.engine, logits, ids, stops) for ids in options]
+        self.engine.rollback(self._mark)
+        logits = self.engine.feed(question_ids)
+        return choose(self.engine, logits, options, stops, baseline)[1]
+
+    def _neighbours(self, options: list[list[int]], scores: list[float], best: int = NEIGHBOUR_OF,
+                    reach: int = NEIGHBOUR_CHARS) -> list[list[int]]:
+        """The sentences within `reach` characters of the `best` best-scoring
+        options' places in the document that are not options yet: a question
+        often lands next to its answer ("a new girl in the garden" ... "she
+        tossed a pansy over the fence"), and those sentences may share no word
+        with it."""
+        tok, text, seen, out = self.loaded.tokenizer, self.document.text, {tuple(o) for o in options}, []
+        for i in sorted(range(len(options)), key=lambda i: -scores[i])[:best]:
+            span = quoted_span(self, tok.decode(options[i], skip_special_tokens=True), TokenMass(torch.zeros(0), 1))
+            if span is None:
+                continue
+            for a, b in sentences_around(text, max(span[0] - reach, 0), span[1] + reach):
+                ids = tok(normalize(text[a:b]), add_special_tokens=False).input_ids
+                if tuple(ids) not in seen:
+                    seen.add(tuple(ids))
+                    out.append(ids)
         return out
+
+    def proposals(self, question: TokenMass, text_of_question: str = "", steps: list[RetrievalStep] = (),
+                  blocks: int = PROPOSAL_BLOCKS, lexical: int = LEXICAL_SENTENCES) -> list[list[int]]:
+        """Whole answers for answer_search to read, whitespace normalised as
+        quotes are, taken in turn from three rankings: the sentences of the
+        `blocks` document blocks the question's tokens attended to most (a
+        fact the question asks about draws its attention, but so do the
+        blocks just before it); of the `blocks` its queries retrieved with
+        the best landmark scores (position-free: keys are stored unrotated);
+        and BM25's `lexical` best sentences for the question's words."""
+        mass = document_mass(self, question)
+        attended = [b for b in mass.argsort(descending=True)[:blocks].tolist() if mass[b] > 0]
+        retrieved: dict[int, float] = {}
+        for step in steps:
+            for block, score in zip(step.block_ids.flatten().tolist(), step.scores.flatten().tolist()):
+                retrieved[block] = retrieved.get(block, 0.0) + score
+        landmarked = sorted(retrieved, key=lambda b: -retrieved[b])[:blocks]
+        text = self.document.text
+        rankings = [self._block_sentences(attended), self._block_sentences(landmarked)]
+        if lexical and text_of_question:
+            if self._sentence_index is None:
+                self._sentence_index = SentenceIndex(text)
+            rankings.append([[span] for span in self._sentence_index.best(text_of_question, lexical)])
+        tok, seen, out = self.loaded.tokenizer, set(), []
+        for span in (span for group in _interleave(rankings) for span in group):
+            if span not in seen:
+                seen.add(span)
+                out.append(tok(normalize(text[span[0]:span[1]]), add_special_tokens=False).input_ids)
+        return out
+
+    def _block_sentences(self, blocks: list[int]) -> list[list[tuple[int, int]]]:
+        """Per document block (others skipped), the spans of its sentences."""
+        return [sentences_around(self.document.text, s.char_start, s.char_end)
+                for s in (self.sources.get(b) for b in blocks) if s is not None]
 
     def answer_rules(self) -> tuple[LogitsProcessor, ...]:
         """The refusal's margin (for models trained to refuse), then quoting."""
@@ -312,7 +397,7 @@ class DocumentSession:
         if self.loaded.abstain_margin is not None:
             refusal = tok(REFUSAL, add_special_tokens=False).input_ids
             rules.append(AbstentionPrior(self.engine, refusal, self.stop_ids(), self.loaded.abstain_margin))
-        if self.quote:
+        if self.quote and self.kind == "document":
             if self._quotable is None:
                 self._quotable = normalize(self.document.text)
             rules.append(QuoteConstraint(tok, self._quotable, (REFUSAL,), self.stop_ids()))
@@ -333,3 +418,8 @@ class DocumentSession:
         if "<|im_end|>" in tok.get_vocab():
             stops.add(tok.convert_tokens_to_ids("<|im_end|>"))
         return stops
+
+
+def _interleave(rankings: list[list]) -> list:
+    """First of each ranking, then second of each, ..."""
+    return [r[i] for i in range(max(map(len, rankings), default=0)) for r in rankings if i < len(r)]
