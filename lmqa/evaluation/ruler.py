@@ -14,10 +14,10 @@ its question (the task's opening instruction, any worked example, the
 context) is the document; its question followed by its answer prefix is the
 question. Lengths count the whole prompt (lmqa's QA prompt around the
 document and question included) plus the task's answer budget, as RULER
-counts its own. A task whose whole answer is one sentence of the document
-(the single and multikey needles) is answered with a quote, as the default
-model is trained to answer; the others (several values, several keys,
-variable chains, word counts) are free generation through the same session.
+counts its own. A task whose answer is lines of the document
+(the needles, variable chains) is answered with quotes, as the default
+model is trained to answer (one per item for several values, keys or
+variables); word counts (cwe, fwe) are free generation through the same session.
 
 Departures from RULER, each because its version needs what we lack or
 would be ambiguous: needles in the 'noise' and 'needle' haystacks are
@@ -133,8 +133,9 @@ class Sample:
 
     @property
     def answer_mode(self) -> str:
-        """quote where the whole answer is one line of the document, else free."""
-        return "quote" if len(self.spans) == 1 else "free"
+        """quote where the answer is lines of the document (one quote per line
+        for a list question, lmqa/qa/list_answers.py), else free."""
+        return "quote" if self.spans else "free"
 
 
 def string_match_all(prediction: str, references: tuple[str, ...] | list[str]) -> float:

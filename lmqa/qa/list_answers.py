@@ -14,13 +14,13 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 
-LIST_MAX = 4  # quotes for a list question that does not say how many it wants
+LIST_MAX = 5  # quotes for a list question that does not say how many it wants
 LIST_SHARE = 0.5  # an item's score must be at least this share of the best one's
 _NUMBERS = {"two": 2, "three": 3, "four": 4, "five": 5, "six": 6, "both": 2}
 _COUNT = re.compile(r"\b(two|three|four|five|six|both|[2-6])\b", re.IGNORECASE)
 _LIST = re.compile(
     r"\b(list|name (all|every|each|the)|all (the|of the)|what are (all )?the|which \w+ (are|were)|"
-    r"every|each of|both|enumerate|values)\b|\b(two|three|four|five|six|[2-6]) \w+s\b",
+    r"every|each of|both|enumerate|values|find all|all \w+s)\b|\b(two|three|four|five|six|[2-6]) \w+s\b",
     re.IGNORECASE)
 
 
