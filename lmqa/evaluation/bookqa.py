@@ -249,11 +249,13 @@ def report(runs: list[BookRun], model: str, sampling: SamplingConfig) -> dict:
 
 
 def table(rows: list[dict], title: str) -> Table:
+    """Per book and overall; BM25: the book's best BM25 sentence for the question, scored as the answer is."""
     out = Table(title=title)
-    for col in ("book", "questions", "tokens", "right", "evidence", "BM25 sentence right", "BM25 evidence", "s/question"):
-        out.add_column(col, justify="left" if col == "book" else "right", no_wrap=True)
+    out.add_column("book", overflow="fold", min_width=14)
+    for col in ("asked", "tokens", "right", "evidence", "BM25", "BM25 evid.", "s/q"):
+        out.add_column(col, justify="right", no_wrap=True)
     for r in rows:
-        out.add_row(r["book"], str(r["questions"]), f"{r['tokens']:,}", f"{r['correct_pct']:.0f}%",
+        out.add_row(Path(r["book"]).stem, str(r["questions"]), f"{r['tokens']:,}", f"{r['correct_pct']:.0f}%",
                     f"{r['evidence_hit_pct']:.0f}%", f"{r['bm25_correct_pct']:.0f}%", f"{r['bm25_evidence_pct']:.0f}%",
                     f"{r['seconds_per_question']:.1f}")
     return out
