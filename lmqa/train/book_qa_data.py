@@ -470,6 +470,8 @@ class BookQA:
             if not candidates:
                 continue
             c = rng.choice(candidates)
+            if c.key[0] == "about" and rng.random() < 0.5:
+                continue  # "Who is X?" would be half the questions: descriptions are the commonest match
             start, end = self._window(rng, book, c.span, chars, side)
             near = found[bisect.bisect_left(positions, start):bisect.bisect_left(positions, end)]
             if any(o.key == c.key and o.span != c.span for m in near for o in facts_at(book, names, m, rng)):
