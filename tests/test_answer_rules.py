@@ -297,3 +297,12 @@ def test_a_baseline_scores_candidates_by_what_the_question_adds():
     best, scores = choose(engine, logits, options, stops, baseline)
     assert scores == pytest.approx([8.0, 4.0, -2.0])
     assert best == options[0]
+
+
+def test_fused_ranks_combine_scorings_of_any_scale():
+    from lmqa.qa.answer_search import fused
+
+    gains, bm25 = [30.0, 2.0, 10.0, 1.0], [0.1, 9.0, 5.0, 0.0]
+    assert fused(gains, bm25, k=1) == pytest.approx([1 / 1 + 1 / 3, 1 / 3 + 1 / 1, 1 / 2 + 1 / 2, 1 / 4 + 1 / 4])
+    assert fused(gains, [s * 1000 for s in bm25], k=1) == fused(gains, bm25, k=1)  # ranks, not values
+    assert fused([1.0, 5.0]) == pytest.approx([1 / 11, 1 / 10])

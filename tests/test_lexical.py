@@ -20,3 +20,13 @@ def test_the_sentence_with_the_rare_words_is_best():
 def test_no_shared_word_no_sentence():
     index = SentenceIndex(TEXT)
     assert index.best("Qwzx?", 3) == [] and index.best("the of a", 3) == []
+
+
+def test_scores_at_a_position_are_its_sentences():
+    index = SentenceIndex(TEXT)
+    song, fence = TEXT.index("Buffalo"), TEXT.index("nine feet")
+    at_song, at_fence, none = index.scores_at("Which song did Jim sing?", [song, fence, None])
+    assert at_song > 0 and at_fence == 0 and none == 0
+    best = index.best("Which song did Jim sing?", 1)[0]
+    assert index.scores_at("Which song did Jim sing?", [best[0]])[0] == at_song
+    assert index.scores_at("Qwzx?", [song]) == [0.0]

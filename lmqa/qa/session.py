@@ -20,7 +20,7 @@ from lmqa.engine.landmark_engine import LandmarkEngine, Mark, RetrievalStep
 from .abstention import AbstentionPrior
 import torch
 
-from .answer_search import candidates, choose, emit, read_score
+from .answer_search import candidates, choose, emit, fused, read_score
 from .evidence import EvidenceRecorder, TokenMass, document_mass, quoted_span
 from .lexical import SentenceIndex
 from .list_answers import pick_items, requested_items
@@ -288,6 +288,7 @@ class DocumentSession:
                     if near:
                         scores += self._gains(near, ids, stops)
                         options += near
+                    scores = fused(scores, self._lexical_scores(question, options))
                     best = options[max(range(len(options)), key=scores.__getitem__)]
                 else:
                     best, scores = choose(self.engine, logits, options, stops)
@@ -338,6 +339,18 @@ class DocumentSession:
         logits = self.engine.feed(question_ids)
         return choose(self.engine, logits, options, stops, baseline)[1]
 
+    def _lexical_scores(self, question: str, options: list[list[int]]) -> list[float]:
+        """BM25's score for question of the sentence each option quotes (0 for
+        an option that is no passage of the document)."""
+        tok, none = self.loaded.tokenizer, TokenMass(torch.zeros(0), 1)
+        spans = [quoted_span(self, tok.decode(o, skip_special_tokens=True), none) for o in options]
+        return self._sentences().scores_at(question, [None if s is None else s[0] for s in spans])
+
+    def _sentences(self) -> SentenceIndex:
+        if self._sentence_index is None:
+            self._sentence_index = SentenceIndex(self.document.text)
+        return self._sentence_index
+
     def _neighbours(self, options: list[list[int]], scores: list[float], best: int = NEIGHBOUR_OF,
                     reach: int = NEIGHBOUR_CHARS) -> list[list[int]]:
         """The sentences within `reach` characters of the `best` best-scoring
@@ -376,9 +389,7 @@ class DocumentSession:
         text = self.document.text
         rankings = [self._block_sentences(attended), self._block_sentences(landmarked)]
         if lexical and text_of_question:
-            if self._sentence_index is None:
-                self._sentence_index = SentenceIndex(text)
-            rankings.append([[span] for span in self._sentence_index.best(text_of_question, lexical)])
+            rankings.append([[span] for span in self._sentences().best(text_of_question, lexical)])
         tok, seen, out = self.loaded.tokenizer, set(), []
         for span in (span for group in _interleave(rankings) for span in group):
             if span not in seen:
