@@ -4,9 +4,11 @@ A quoting answer is one sentence of the document, so "What are all the
 special magic numbers for X?" or "Name the three ships" could only ever be
 answered with one of the items. A list question is answered instead with up
 to `count` quotes, one per item (each with its own evidence): the best
-candidates by the same score as single answers (answer_search.choose), best
-first, while they keep LIST_SHARE of the best one's score (a total gain,
-answer_search.py), distinct and not part of one another.
+candidates by the same score as single answers (the fused rank score of
+answer_search.py), best first, while they keep LIST_SHARE of the best one's
+score, distinct and not part of one another. A plural question that wants
+one thing ("Which weapons were used in the duel?") then still gets one quote
+unless a second one ranks nearly as well.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import re
 from collections.abc import Sequence
 
 LIST_MAX = 5  # quotes for a list question that does not say how many it wants
-LIST_SHARE = 0.5  # an item's score must be at least this share of the best one's
+LIST_SHARE = 0.75  # an item's score must be at least this share of the best one's
 _NUMBERS = {"two": 2, "three": 3, "four": 4, "five": 5, "six": 6, "both": 2}
 _COUNT = re.compile(r"\b(two|three|four|five|six|both|[2-6])\b", re.IGNORECASE)
 _LIST = re.compile(
