@@ -344,7 +344,7 @@ def _code_eval(loaded, engine, out: Path, max_new_tokens: int, candidates: int, 
     def said(r) -> None:
         err.print(f"[dim]code {escape(r.tree)}: {'ok' if r.correct else 'wrong'}, evidence "
                   f"{'hit' if r.evidence_hit else 'missed'}, BM25 {'ok' if r.bm25_correct else 'wrong'} in "
-                  f"{r.seconds:.1f} s: {escape(r.question)!r} -> {escape(r.answer[:90])!r}[/dim]",
+                  f"{r.seconds:.1f} s: {escape(repr(r.question))} -> {escape(repr(r.answer[:90]))}[/dim]",
                   soft_wrap=True, highlight=False)
 
     for tree in dict.fromkeys(q.tree for q in questions):

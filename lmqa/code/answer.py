@@ -3,17 +3,23 @@
 A small model asked about a codebase in its own words invents identifiers
 ("`decode_json` is defined in _init__.py"). Here the answer is chosen, not
 written: the candidates are definitions of the symbol index (symbols.py),
-pre-selected by BM25 over their names, signatures, docstrings and bodies,
-and each is read by the model as a whole answer in the form it was trained
-on ("`parseaddr` is defined in email/utils.py."), scored by its mean log p
-per token as answer_search reads sentence proposals. The winner is then
-written out from the index, so every name, path, line and signature in the
-answer is the index's:
+those the question names (in backticks, or as identifiers) first, then by
+BM25 over their names, signatures, docstrings and bodies (stemmed), and the
+first is written out from the index, so every name, path, line and
+signature in the answer is the index's:
 
   `email.utils.parseaddr(addr)` in email/utils.py:208: Parse addr into ...
 
 "What calls X" lists X's callers from the index's call sites, and a
 constant's answer carries its value. `--no-quote` keeps free text.
+
+The model does not rank the candidates: reading each as a whole answer in
+its trained form ("`loads` is defined in _parser.py.") and taking the
+likeliest (mean log p per token, as answer_search reads proposals) lost to
+this ranking on `lmqa eval --tasks code` (README, "Asking about code"): it
+matched it where the question names the definition and lost most "which
+function does Y" questions. The answer is still fed to the model, so its
+evidence and a kept chat turn are recorded as for any answer.
 """
 
 from __future__ import annotations
@@ -24,9 +30,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import Stemmer
-import torch
 
-from lmqa.qa.answer_search import read_score
 from .symbols import Definition, SymbolIndex, index_document
 
 if TYPE_CHECKING:
@@ -34,7 +38,7 @@ if TYPE_CHECKING:
     from lmqa.qa.evidence import Passage
     from lmqa.qa.session import DocumentSession
 
-CANDIDATES = 10  # definitions BM25 hands the model to read, besides those the question names
+CANDIDATES = 10  # definitions BM25 ranks, after those the question names
 CALLERS = 12  # callers an answer lists at most
 BODY_LINES = 80  # lines of a definition's body that BM25 indexes
 NAME_WEIGHT = 3  # a name's words count this many times in BM25 (a question names what it asks for)
@@ -51,7 +55,6 @@ _STOP = frozenset("a an and are as at be by defined do does file for from functi
 class Candidate:
     definition: Definition
     bm25: float  # BM25 score against the question (0 for a definition only named by it)
-    model: float | None = None  # mean log p per token of its answer form (None: not read yet)
 
 
 def index_of(document: Document) -> SymbolIndex:
@@ -77,19 +80,11 @@ def words(text: str) -> list[str]:
     return _STEMMER.stemWords(out)
 
 
-def said(d: Definition) -> str:
-    """What the model reads: the answer forms it was trained on (lmqa/train/qa_data.py)."""
-    if d.kind == "constant":
-        return f"`{d.short}` is set to {d.signature.split(' = ', 1)[1]} in {d.path}."
-    if d.kind == "module":
-        return f"It is in {d.path}."
-    return f"`{d.short}` is defined in {d.path}."
-
-
 def written(d: Definition) -> str:
     """The answer as printed: qualified name with signature, file:line, docstring line."""
-    if d.kind in ("function", "method"):
-        head = f"`{d.name.rsplit('.', 1)[0]}.{d.signature}`"
+    if d.kind in ("function", "method"):  # the signature from the name on ("function f(a)", "func (t T) f()")
+        at = d.signature.find(d.name.rsplit(".", 1)[-1] + "(")
+        head = f"`{d.name.rsplit('.', 1)[0]}.{d.signature[at:]}`" if at >= 0 else f"`{d.name}` ({d.signature})"
     elif d.kind == "class":
         bases = d.signature.partition("(")[2]
         head = f"class `{d.name}" + (f"({bases}`" if bases else "`")
@@ -206,28 +201,15 @@ def search_of(document: Document) -> DefinitionSearch:
 _SEARCH: dict[int, tuple[SymbolIndex, DefinitionSearch]] = {}
 
 
-def read_candidates(session: DocumentSession, logits: torch.Tensor, found: list[Candidate]) -> list[Candidate]:
-    """Each candidate with its model score (see the module docstring); the
-    engine is left where it was."""
-    tok, stops = session.loaded.tokenizer, session.stop_ids()
-    return [Candidate(c.definition, c.bm25,
-                      read_score(session.engine, logits, tok(said(c.definition), add_special_tokens=False).input_ids, stops))
-            for c in found]
-
-
-def answer_code(session: DocumentSession, question: str, logits: torch.Tensor,
-                on_token: Callable[[int], None] | None = None) -> list[int]:
-    """generate()'s contract for a codebase question whose next-token
-    logits are `logits`: the chosen answer's tokens, fed to the engine (so
-    the trace, the evidence recorder and on_token see it as generated)."""
+def answer_code(session: DocumentSession, question: str, on_token: Callable[[int], None] | None = None) -> list[int]:
+    """generate()'s contract for a codebase question already fed: the
+    answer's tokens, streamed to on_token and then read in one feed (the
+    evidence recorder sees each token)."""
     index = index_of(session.document)
-    read = read_candidates(session, logits, candidates(index, search_of(session.document), question))
-    if read:
-        text = render(index, max(read, key=lambda c: c.model).definition, question)
-    else:
-        text = "No definition in the index matches the question."
+    found = candidates(index, search_of(session.document), question)
+    text = render(index, found[0].definition, question) if found else "No definition in the index matches the question."
     out = session.loaded.tokenizer(text, add_special_tokens=False).input_ids
-    for t in out:  # all of it known: streamed, then read in one feed (its evidence recorded per token)
+    for t in out:
         if on_token is not None:
             on_token(t)
     session.engine.feed(out)

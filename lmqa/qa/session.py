@@ -272,7 +272,8 @@ class DocumentSession:
         start = time.perf_counter()
         try:
             if self.quote and self.kind == "codebase":  # only names the symbol index holds
-                out = answer_code(self, question, self.engine.feed(ids, progress=prefilled), on_token=token)
+                self.engine.feed(ids, progress=prefilled)
+                out = answer_code(self, question, on_token=token)
             elif sampling.candidates > 1 and sampling.temperature <= 0:
                 read = EvidenceRecorder() if self.quote else None  # where the question looks: its sentences are read
                 self.engine.record_evidence(read)
