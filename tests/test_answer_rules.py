@@ -192,35 +192,6 @@ def test_choose_margin_trades_answers_against_refusals():
 
 
 # ----- choosing among whole answers -----
-def greedy_from(prompt: list[int], first: int, stops: set[int], max_new: int) -> tuple[float, list[int]]:
-    """One candidate on a fresh engine: first, then greedy; mean log p per
-    token of it and its stop."""
-    engine = tiny_engine()
-    logp = torch.log_softmax(engine.feed(prompt).float(), -1)
-    score, out = float(logp[first]), [first]
-    if first in stops:  # the empty answer
-        return score, out
-    logp = torch.log_softmax(engine.feed([first]).float(), -1)
-    while len(out) < max_new:
-        t = int(logp.argmax())
-        score += float(logp[t])
-        if t in stops:
-            return score / (len(out) + 1), out
-        out.append(t)
-        logp = torch.log_softmax(engine.feed([t]).float(), -1)
-    return score / len(out), out
-
-
-def answer_score(prompt: list[int], ids: list[int], stops: set[int]) -> float:
-    """Mean log p per token of ids and the likeliest stop after them, on a fresh engine."""
-    engine = tiny_engine()
-    logits, total = engine.feed(prompt), 0.0
-    for t in ids:
-        total += float(torch.log_softmax(logits.float(), -1)[t])
-        logits = engine.feed([t])
-    return (total + max(float(torch.log_softmax(logits.float(), -1)[s]) for s in stops)) / (len(ids) + 1)
-
-
 def wide_engine() -> LandmarkEngine:
     """tiny_engine's model with top_k above any block count here: every block
     is retrieved, so reading a candidate in one feed and token by token see
