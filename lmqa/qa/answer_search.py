@@ -33,8 +33,7 @@ on whole held-out books the plain BM25-best sentence was right more often
 than the model's pick (17/42 against 3/42 on Alice). So the session ranks
 options by both, fused by rank (fused): the gain and the BM25 score of the
 sentence each option quotes. The winner is fed again at the end (emit), so
-the trace, the evidence recorder and on_token see exactly one answer, as
-after generate().
+the trace, the evidence recorder and on_token see exactly one answer.
 """
 
 from __future__ import annotations
@@ -104,11 +103,15 @@ def fused(*scores: Sequence[float], k: float = RRF_K) -> list[float]:
 
 
 def emit(engine: LandmarkEngine, ids: list[int], on_token: Callable[[int], None] | None = None) -> list[int]:
-    """Feed the chosen answer token by token, as generate() would have."""
+    """Stream the chosen answer and feed it in one step, as the model's own
+    answer: the trace and an evidence recorder see its tokens (each token's
+    query is recorded; the step's retrieval is the chunk's). Token by token
+    this took 72 s for a 185-token list answer on a loaded 2-core CPU."""
     for t in ids:
         if on_token is not None:
             on_token(t)
-        engine.feed([t])
+    if ids:
+        engine.feed(list(ids))
     return list(ids)
 
 
