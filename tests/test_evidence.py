@@ -227,7 +227,7 @@ def test_passages_merge_neighbours_and_map_lines(session):
     assert (first.file, first.start_line, first.end_line) == ("notes.txt", src[a].line_start, src[a + 1].line_end)
     assert first.text == session.document.text[src[a].char_start : src[a + 1].char_end].strip()
     assert first.location == f"notes.txt:{first.start_line}-{first.end_line}"
-    assert set(first.to_json()) == {"file", "start_line", "end_line", "block", "blocks", "mass", "share", "text"}
+    assert set(first.to_json()) == {"file", "start_line", "end_line", "block", "blocks", "mass", "share", "quoted", "text"}
 
 
 def test_passages_cap_a_run_and_look_elsewhere(session):
@@ -252,6 +252,7 @@ def test_a_quoted_passage_leads_whatever_its_mass(session):
     found = passages(session, TokenMass(mass, rows=1, quoted=(span,)))
     held = [b for b, s in session.sources.items() if s.char_start < span[1] and s.char_end > span[0]]
     assert list(found[0].blocks) == held[:3] and found[1].blocks == (a + 6,)
+    assert found[0].quoted and not found[1].quoted
     assert quoted_span(session, "The sky is green.", TokenMass(mass, rows=1)) is None
 
 

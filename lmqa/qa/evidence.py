@@ -90,6 +90,7 @@ class Passage:
     mass: float  # summed over layers, query heads and answer tokens
     share: float  # mass per query row: the mean share of the answer's attention
     text: str
+    quoted: bool = False  # the answer repeats this passage's text (it leads whatever its mass)
 
     @property
     def location(self) -> str:
@@ -99,7 +100,7 @@ class Passage:
     def to_json(self) -> dict[str, Any]:
         return {"file": self.file, "start_line": self.start_line, "end_line": self.end_line, "block": self.top_block,
                 "blocks": list(self.blocks), "mass": round(self.mass, 6), "share": round(self.share, 6),
-                "text": self.text}
+                "quoted": self.quoted, "text": self.text}
 
 
 def document_mass(session: DocumentSession, evidence: TokenMass) -> torch.Tensor:
@@ -145,7 +146,7 @@ def passages(session: DocumentSession, evidence: TokenMass | None, limit: int = 
             runs.append([block])
         else:
             break
-    found = [_passage(session, run, mass, evidence.rows) for run in runs]
+    found = [_passage(session, run, mass, evidence.rows, i < leading) for i, run in enumerate(runs)]
     return found[:leading] + sorted(found[leading:], key=lambda p: (-p.mass, p.blocks[0]))
 
 
@@ -182,12 +183,12 @@ def _same_part(session: DocumentSession, left: int, right: int) -> bool:
     return len(a) == len(b) == 1 and a[0].title == b[0].title
 
 
-def _passage(session: DocumentSession, run: list[int], mass: torch.Tensor, rows: int) -> Passage:
+def _passage(session: DocumentSession, run: list[int], mass: torch.Tensor, rows: int, quoted: bool) -> Passage:
     first, last = session.sources[run[0]], session.sources[run[-1]]
     masses = [float(mass[b]) for b in run]
     text = session.document.text[first.char_start : last.char_end].strip()
     return Passage(tuple(run), run[masses.index(max(masses))], first.title, first.line_start, last.line_end, sum(masses),
-                   sum(masses) / rows, text)
+                   sum(masses) / rows, text, quoted)
 
 
 def excerpt(text: str, width: int = 320) -> str:

@@ -52,6 +52,7 @@ def render_evidence(passages: list[Passage]) -> Group:
         head.append(passage.location, style="cyan")
         blocks = passage.blocks
         span = f"block {blocks[0]}" if len(blocks) == 1 else f"blocks {blocks[0]}-{blocks[-1]}"
-        head.append(f"  {span}, {100 * passage.share:.1f}% of the answer's attention", style="dim")
+        quoted = "quoted by the answer, " if passage.quoted else ""
+        head.append(f"  {span}, {quoted}{100 * passage.share:.1f}% of the answer's attention", style="dim")
         parts += [head, Padding(Text(excerpt(passage.text)), (0, 0, 0, 3))]
     return Group(*parts)
