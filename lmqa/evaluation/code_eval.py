@@ -153,9 +153,10 @@ def run_tree(tree: str, questions: list[CodeQuestion], loaded: LoadedModel, engi
 def summary(results: list[CodeResult]) -> list[dict]:
     """Per tree, per kind and over all: questions, right, evidence hits, BM25 right."""
     groups: dict[str, list[CodeResult]] = {}
-    for r in results:
-        for key in (f"tree {r.tree}", f"kind {r.kind}", "all"):
-            groups.setdefault(key, []).append(r)
+    for prefix in ("tree", "kind"):
+        for r in results:
+            groups.setdefault(f"{prefix} {getattr(r, prefix)}", []).append(r)
+    groups["all"] = results
     return [{"group": key, "questions": len(rs), "right": sum(r.correct for r in rs),
              "evidence": sum(r.evidence_hit for r in rs), "bm25_right": sum(r.bm25_correct for r in rs)}
             for key, rs in groups.items()]
@@ -170,8 +171,8 @@ def table(rows: list[dict], title: str) -> Table:
     t = Table(title=title)
     for col in ("group", "questions", "right", "evidence", "BM25 right"):
         t.add_column(col, justify="left" if col == "group" else "right")
-    for row in rows:
+    for row, after in zip(rows, rows[1:] + [None]):  # a line between trees, kinds and all
         n = row["questions"]
         t.add_row(row["group"], str(n), *(f"{row[k]}/{n} ({100 * row[k] / n:.0f}%)" for k in ("right", "evidence", "bm25_right")),
-                  end_section=row["group"] == "all" or row is rows[-1])
+                  end_section=after is not None and after["group"].split()[0] != row["group"].split()[0])
     return t
