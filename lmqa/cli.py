@@ -329,13 +329,24 @@ def eval_command(
     err.print(f"[dim]wrote {escape(', '.join(map(str, paths.values())))}[/dim]", soft_wrap=True)
 
 
+def _save_results(out: Path, name: str, data: dict) -> None:
+    """An eval task's results as OUT/name (JSON), said on stderr."""
+    from lmqa.qa.trace_export import write_json
+
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        write_json(out / name, data)
+    except OSError as e:
+        raise UserError(f"{out}: could not write the results ({e.strerror or e})") from None
+    err.print(f"[dim]wrote {escape(str(out / name))}[/dim]", soft_wrap=True)
+
+
 def _code_eval(loaded, engine, out: Path, max_new_tokens: int, candidates: int, as_json: bool) -> dict:
     """`lmqa eval --tasks code`: each source tree of prompts/code_questions.jsonl
     read and asked its questions; the table printed (unless --json) and
     OUT/code.json written."""
     from lmqa.engine.generation import SamplingConfig
     from lmqa.evaluation import code_eval
-    from lmqa.qa.trace_export import write_json
 
     questions = code_eval.load_questions()
     sampling = SamplingConfig(max_new_tokens=max_new_tokens, candidates=candidates)
@@ -351,14 +362,9 @@ def _code_eval(loaded, engine, out: Path, max_new_tokens: int, candidates: int, 
         results += code_eval.run_tree(tree, [q for q in questions if q.tree == tree], loaded, engine, sampling,
                                       lambda total: _prefill_bar(total, f"reading {tree}"), said)
     data = code_eval.report(results, loaded.name, sampling)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        write_json(out / "code.json", data)
-    except OSError as e:
-        raise UserError(f"{out}: could not write the results ({e.strerror or e})") from None
+    _save_results(out, "code.json", data)
     if not as_json:
         console.print(code_eval.table(data["summary"], f"lmqa eval code: {loaded.name}, k={loaded.landmark.top_k}"))
-    err.print(f"[dim]wrote {escape(str(out / 'code.json'))}[/dim]", soft_wrap=True)
     return data
 
 
@@ -370,7 +376,6 @@ def _bookqa(loaded, engine, out: Path, directory: Optional[Path], books: Optiona
     from lmqa.engine.generation import SamplingConfig
     from lmqa.evaluation import bookqa
     from lmqa.evaluation.tasks import books_dir
-    from lmqa.qa.trace_export import write_json
 
     names = [b.strip() for b in books.split(",") if b.strip()] if books is not None else None
     questions = bookqa.select(bookqa.load_questions(), names, limit)
@@ -391,14 +396,9 @@ def _bookqa(loaded, engine, out: Path, directory: Optional[Path], books: Optiona
         runs.append(bookqa.run_book(path, [q for q in questions if q.book == book], loaded, engine, out / "contexts",
                                     sampling, lambda total: _prefill_bar(total, f"reading {book}"), said))
     data = bookqa.report(runs, loaded.name, sampling)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        write_json(out / "bookqa.json", data)
-    except OSError as e:
-        raise UserError(f"{out}: could not write the results ({e.strerror or e})") from None
+    _save_results(out, "bookqa.json", data)
     if not as_json:
         console.print(bookqa.table(data["summary"], f"lmqa eval bookqa: {loaded.name}, {sampling.candidates} candidates"))
-    err.print(f"[dim]wrote {escape(str(out / 'bookqa.json'))}[/dim]", soft_wrap=True)
     return data
 
 
@@ -408,7 +408,6 @@ def _ruler(loaded, engine, out: Path, tasks: tuple[str, ...], lengths: tuple[int
     printed (unless --json) and OUT/ruler.json written. Stopped by hand, it
     reports the samples it finished."""
     from lmqa.evaluation import ruler
-    from lmqa.qa.trace_export import write_json
 
     evaluator = ruler.RulerEvaluator(loaded, engine, lengths, samples, books, seed, candidates, tasks)
     progress, evaluator.progress = _prefill_bar(evaluator.positions(), "ruler")
@@ -427,15 +426,10 @@ def _ruler(loaded, engine, out: Path, tasks: tuple[str, ...], lengths: tuple[int
             raise
         err.print(f"[yellow]interrupted:[/yellow] reporting the {len(done)} ruler samples done")
     data = ruler.report(done, lengths, samples, seed)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        write_json(out / "ruler.json", data)
-    except OSError as e:
-        raise UserError(f"{out}: could not write the results ({e.strerror or e})") from None
+    _save_results(out, "ruler.json", data)
     if not as_json:
         console.print(ruler.table(done, f"lmqa eval ruler: {loaded.name}, k={loaded.landmark.top_k}, "
                                         f"b={loaded.landmark.block_size}, seed {seed}"))
-    err.print(f"[dim]wrote {escape(str(out / 'ruler.json'))}[/dim]", soft_wrap=True)
     return data
 
 
