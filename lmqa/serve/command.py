@@ -71,7 +71,7 @@ def serve(
         session = _session(path, include, exclude, max_memory, model, quantize, device, kv_offload, top_k, block_size,
                            kv_dtype, keep_boilerplate, loader)
         _report_memory(session.engine)
-        session.quote = session.quote and quote  # codebases are never held to quotes
+        session.quote = session.quote and quote  # --no-quote: the model's own words (a codebase then answers freely too)
         contexts[name] = session
     options = ServeOptions(SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature, seed=seed,
                                           candidates=candidates),
