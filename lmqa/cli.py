@@ -635,12 +635,7 @@ def ask(
     t = answer.timings
     if not as_json:
         console.print()
-        found = passages(session, answer.evidence)
-        if session.kind == "codebase" and session.quote:  # a code answer: its definition's passage first
-            from lmqa.code.answer import definition_first
-
-            found = definition_first(answer.text, found)
-        console.print(render_evidence(found))
+        console.print(render_evidence(passages(session, answer.evidence)))
     err.print(f"[dim]question prefill {t.prefill_s:.2f} s ({t.question_tokens} tokens), first token after "
               f"{t.first_token_s:.2f} s, {t.answer_tokens} tokens in {t.generate_s:.1f} s ({t.tokens_per_s:.1f} tok/s)[/dim]",
               soft_wrap=True)

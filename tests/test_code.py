@@ -215,10 +215,19 @@ def test_every_answer_of_the_code_eval_names_real_things():
             printed_things_exist(result.bm25_answer, document)
 
 
-def test_the_definitions_passage_comes_first():
-    from lmqa.code.answer import definition_first
-    from lmqa.qa.evidence import Passage
+def test_the_definitions_passage_leads_the_evidence(tree, loaded):
+    """A code answer's evidence starts with the lines of the definition it
+    prints, marked as quoted, whatever the answer's attention read."""
+    from lmqa.code.answer import definition_span
+    from lmqa.qa.evidence import passages
 
-    other, own = Passage((1,), 1, "utils.py", 1, 5, 2.0, 0.5, "a"), Passage((3,), 3, "utils.py", 5, 14, 1.0, 0.2, "b")
-    assert definition_first("`mail.utils.parse_address(text)` in utils.py:6", [other, own]) == [own, other]
-    assert definition_first("`mail.web.app.greet(name)` in web/app.js:2", [other, own]) == [other, own]
+    session = DocumentSession(loaded, LandmarkEngine(loaded.model, loaded.landmark), ingest(tree), "codebase")
+    session.ingest()
+    answer = session.ask("Where is `parse_address` defined?", SamplingConfig(max_new_tokens=8))
+    assert "utils.py:6" in answer.text
+    span = definition_span(session.document, answer.text)
+    assert answer.evidence.quoted == (span,)
+    assert session.document.text[span[0]:span[1]].startswith("def parse_address(text, *, strict=True) -> tuple:")
+    first = passages(session, answer.evidence)[0]
+    assert first.quoted and first.file == "utils.py" and first.start_line <= 6 <= first.end_line
+    assert definition_span(session.document, "nothing printed") is None

@@ -204,7 +204,8 @@ class LandmarkEngine:
             self.auto_offload.before_feed(self, len(ids))
         # Shorter than a prefill chunk (a question, a chat turn), a feed is one
         # chunk either way: serially, it skips compiling layer-major kernels on CUDA.
-        if self.prefill == "layer" and len(ids) >= self.config.prefill_chunk and not every:
+        # Only the serial step records evidence or returns every position's logits.
+        if self.prefill == "layer" and len(ids) >= self.config.prefill_chunk and not every and self._evidence is None:
             return layer_major_feed(self, ids, progress)
         cfg = self.config
         stream = insert_landmarks(ids, cfg.block_size, cfg.landmark_id, filled=self.open_len)

@@ -15,7 +15,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from typing import Literal
 
-from lmqa.code.answer import answer_code
+from lmqa.code.answer import answer_code, definition_span
 from lmqa.engine.landmark_engine import LandmarkEngine, Mark, RetrievalStep
 from .abstention import AbstentionPrior
 import torch
@@ -322,6 +322,9 @@ class DocumentSession:
         if self.quote and self.kind == "document" and text != REFUSAL:
             spans = (quoted_span(self, line, evidence) for line in text.split("\n"))
             evidence = replace(evidence, quoted=tuple(span for span in spans if span is not None))
+        elif self.quote and self.kind == "codebase":
+            span = definition_span(self.document, text)
+            evidence = replace(evidence, quoted=(span,) if span else ())
         return Answer(question, text, out, timings, steps, self.sources, evidence, refusal)
 
     def _question_ids(self, question: str) -> list[int]:
