@@ -216,18 +216,21 @@ def test_every_answer_of_the_code_eval_names_real_things():
 
 
 def test_the_definitions_passage_leads_the_evidence(tree, loaded):
-    """A code answer's evidence starts with the lines of the definition it
-    prints, marked as quoted, whatever the answer's attention read."""
-    from lmqa.code.answer import definition_span
+    """A code answer's evidence starts with the lines of the definitions it
+    prints (the definition, then its callers), marked as quoted, whatever
+    the answer's attention read."""
+    from lmqa.code.answer import definition_spans
     from lmqa.qa.evidence import passages
 
     session = DocumentSession(loaded, LandmarkEngine(loaded.model, loaded.landmark), ingest(tree), "codebase")
     session.ingest()
     answer = session.ask("Where is `parse_address` defined?", SamplingConfig(max_new_tokens=8))
     assert "utils.py:6" in answer.text
-    span = definition_span(session.document, answer.text)
-    assert answer.evidence.quoted == (span,)
+    (span,) = answer.evidence.quoted
     assert session.document.text[span[0]:span[1]].startswith("def parse_address(text, *, strict=True) -> tuple:")
     first = passages(session, answer.evidence)[0]
     assert first.quoted and first.file == "utils.py" and first.start_line <= 6 <= first.end_line
-    assert definition_span(session.document, "nothing printed") is None
+    callers = definition_spans(session.document, "`mail.utils.clean` (utils.py:15) is called by "
+                                                 "`mail.utils.parse_address` (utils.py:6).")
+    assert [session.document.text[a:b].split("(")[0] for a, b in callers] == ["def clean", "def parse_address"]
+    assert definition_spans(session.document, "nothing printed") == ()

@@ -177,26 +177,26 @@ def named_in(text: str) -> tuple[list[str], list[tuple[str, int]]]:
     return _NAMED.findall(text), [(path, int(line)) for path, line in _LOCATION.findall(text)]
 
 
-def definition_span(document: Document, text: str) -> tuple[int, int] | None:
-    """The characters of document holding the definition a code answer
-    names (its first file:line, to the definition's end), so that passage
-    leads the answer's evidence as a quote's own place does (evidence.passages):
-    the answer is that definition, whatever the answer's attention read."""
-    locations = named_in(text)[1]
-    if not locations:
-        return None
-    path, line = locations[0]
-    segment = next((s for s in document.segments if s.title == path), None)
-    if segment is None:
-        return None
-    end = max((d.end_line for d in index_of(document).definitions if d.path == path and d.line == line), default=line)
-    body = document.text[segment.char_start:segment.char_end]
-    starts = [0] + [i + 1 for i, c in enumerate(body) if c == "\n"]  # offsets of the segment's lines
-    first, last = line - segment.line_start, end - segment.line_start + 1
-    if not 0 <= first < len(starts):
-        return None
-    stop = starts[last] if last < len(starts) else len(body)
-    return segment.char_start + starts[first], segment.char_start + stop
+def definition_spans(document: Document, text: str) -> tuple[tuple[int, int], ...]:
+    """The characters of document holding each definition a code answer
+    prints (file:line to the definition's end, in the answer's order: the
+    definition, then its callers), so those passages lead the answer's
+    evidence as a quote's own place does (evidence.passages): the answer
+    is those definitions, whatever the answer's attention read."""
+    definitions = index_of(document).definitions
+    out = []
+    for path, line in named_in(text)[1]:
+        segment = next((s for s in document.segments if s.title == path), None)
+        if segment is None:
+            continue
+        end = max((d.end_line for d in definitions if d.path == path and d.line == line), default=line)
+        body = document.text[segment.char_start:segment.char_end]
+        starts = [0] + [i + 1 for i, c in enumerate(body) if c == "\n"]  # offsets of the segment's lines
+        first, last = line - segment.line_start, end - segment.line_start + 1
+        if 0 <= first < len(starts):
+            stop = starts[last] if last < len(starts) else len(body)
+            out.append((segment.char_start + starts[first], segment.char_start + stop))
+    return tuple(out)
 
 
 def search_of(document: Document) -> DefinitionSearch:

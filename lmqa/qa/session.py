@@ -15,7 +15,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from typing import Literal
 
-from lmqa.code.answer import answer_code, definition_span
+from lmqa.code.answer import answer_code, definition_spans
 from lmqa.engine.landmark_engine import LandmarkEngine, Mark, RetrievalStep
 from .abstention import AbstentionPrior
 import torch
@@ -323,8 +323,7 @@ class DocumentSession:
             spans = (quoted_span(self, line, evidence) for line in text.split("\n"))
             evidence = replace(evidence, quoted=tuple(span for span in spans if span is not None))
         elif self.quote and self.kind == "codebase":
-            span = definition_span(self.document, text)
-            evidence = replace(evidence, quoted=(span,) if span else ())
+            evidence = replace(evidence, quoted=definition_spans(self.document, text))
         return Answer(question, text, out, timings, steps, self.sources, evidence, refusal)
 
     def _question_ids(self, question: str) -> list[int]:
