@@ -341,6 +341,19 @@ def _save_results(out: Path, name: str, data: dict) -> None:
     err.print(f"[dim]wrote {escape(str(out / name))}[/dim]", soft_wrap=True)
 
 
+def _said_question(task: str, where, width: int):
+    """The line an eval task prints per question: right, evidence and the
+    BM25 baseline, time, question and the answer's first `width` characters
+    (where: the result's tree or book)."""
+    def said(r) -> None:
+        err.print(f"[dim]{task} {escape(where(r))}: {'ok' if r.correct else 'wrong'}, evidence "
+                  f"{'hit' if r.evidence_hit else 'missed'}, BM25 {'ok' if r.bm25_correct else 'wrong'} in "
+                  f"{r.seconds:.1f} s: {escape(repr(r.question))} -> {escape(repr(r.answer[:width]))}[/dim]",
+                  soft_wrap=True, highlight=False)
+
+    return said
+
+
 def _code_eval(loaded, engine, out: Path, max_new_tokens: int, candidates: int, as_json: bool) -> dict:
     """`lmqa eval --tasks code`: each source tree of prompts/code_questions.jsonl
     read and asked its questions; the table printed (unless --json) and
@@ -352,12 +365,7 @@ def _code_eval(loaded, engine, out: Path, max_new_tokens: int, candidates: int, 
     sampling = SamplingConfig(max_new_tokens=max_new_tokens, candidates=candidates)
     results = []
 
-    def said(r) -> None:
-        err.print(f"[dim]code {escape(r.tree)}: {'ok' if r.correct else 'wrong'}, evidence "
-                  f"{'hit' if r.evidence_hit else 'missed'}, BM25 {'ok' if r.bm25_correct else 'wrong'} in "
-                  f"{r.seconds:.1f} s: {escape(repr(r.question))} -> {escape(repr(r.answer[:90]))}[/dim]",
-                  soft_wrap=True, highlight=False)
-
+    said = _said_question("code", lambda r: r.tree, 90)
     for tree in dict.fromkeys(q.tree for q in questions):
         results += code_eval.run_tree(tree, [q for q in questions if q.tree == tree], loaded, engine, sampling,
                                       lambda total: _prefill_bar(total, f"reading {tree}"), said)
@@ -383,12 +391,7 @@ def _bookqa(loaded, engine, out: Path, directory: Optional[Path], books: Optiona
     sampling = SamplingConfig(max_new_tokens=max_new_tokens, candidates=candidates)
     runs = []
 
-    def said(r) -> None:
-        err.print(f"[dim]bookqa {escape(r.book)}: {'ok' if r.correct else 'wrong'}, evidence "
-                  f"{'hit' if r.evidence_hit else 'missed'}, BM25 {'ok' if r.bm25_correct else 'wrong'} in "
-                  f"{r.seconds:.1f} s: {escape(r.question)!r} -> {escape(r.answer[:70])!r}[/dim]",
-                  soft_wrap=True, highlight=False)
-
+    said = _said_question("bookqa", lambda r: r.book, 70)
     for book in dict.fromkeys(q.book for q in questions):
         path = folder / book
         if not path.is_file():

@@ -156,16 +156,17 @@ def holds(session: DocumentSession, found: list[Passage], start: int, end: int) 
     return any(set(_blocks_of(session, start, end)) & set(p.blocks) for p in found)
 
 
-def quoted_span(session: DocumentSession, answer: str, evidence: TokenMass) -> tuple[int, int] | None:
+def quoted_span(session: DocumentSession, answer: str, evidence: TokenMass | None = None) -> tuple[int, int] | None:
     """Where in the document the answer's text occurs (whitespace matching any
     whitespace, as quotes are held); of several places, the one whose blocks
-    the answer attended to most. None when it is not a passage of the document."""
+    the answer attended to most (the first without evidence). None when it
+    is not a passage of the document."""
     words = answer.split()
     if not words:
         return None
     pattern = re.compile(r"\s+".join(map(re.escape, words)))
     spans = [m.span() for m in pattern.finditer(session.document.text)]
-    if len(spans) > 1:
+    if len(spans) > 1 and evidence is not None:
         mass = document_mass(session, evidence)
         return max(spans, key=lambda s: sum(float(mass[b]) for b in _blocks_of(session, *s) if b < len(mass)))
     return spans[0] if spans else None

@@ -18,8 +18,6 @@ from typing import Literal
 from lmqa.code.answer import answer_code, definition_spans
 from lmqa.engine.landmark_engine import LandmarkEngine, Mark, RetrievalStep
 from .abstention import AbstentionPrior
-import torch
-
 from .answer_search import candidates, choose, emit, fused, read_score
 from .evidence import EvidenceRecorder, TokenMass, document_mass, quoted_span
 from .lexical import SentenceIndex
@@ -284,12 +282,15 @@ class DocumentSession:
                 options = candidates(self.engine, logits, sampling.candidates, sampling.max_new_tokens, stops,
                                      processors, proposals)
                 if self.quote and len(options) > 1:
+                    places = self._places(options)
                     scores = self._gains(options, ids, stops)
-                    near = self._neighbours(options, scores)  # a second round: the best quotes' neighbours
+                    near = self._neighbours(options, places, scores)  # a second round: the best quotes' neighbours
                     if near:
                         scores += self._gains(near, ids, stops)
                         options += near
-                    scores = fused(scores, self._lexical_scores(question, options))
+                        places += self._places(near)
+                    lexical = self._sentences().scores_at(question, [None if p is None else p[0] for p in places])
+                    scores = fused(scores, lexical)  # the gain and BM25's score of the sentence quoted
                     best = options[max(range(len(options)), key=scores.__getitem__)]
                 else:
                     best, scores = choose(self.engine, logits, options, stops)
@@ -342,20 +343,18 @@ class DocumentSession:
         logits = self.engine.feed(question_ids)
         return choose(self.engine, logits, options, stops, baseline)[1]
 
-    def _lexical_scores(self, question: str, options: list[list[int]]) -> list[float]:
-        """BM25's score for question of the sentence each option quotes (0 for
-        an option that is no passage of the document)."""
-        tok, none = self.loaded.tokenizer, TokenMass(torch.zeros(0), 1)
-        spans = [quoted_span(self, tok.decode(o, skip_special_tokens=True), none) for o in options]
-        return self._sentences().scores_at(question, [None if s is None else s[0] for s in spans])
+    def _places(self, options: list[list[int]]) -> list[tuple[int, int] | None]:
+        """Where in the document each option's text is (None: nowhere)."""
+        tok = self.loaded.tokenizer
+        return [quoted_span(self, tok.decode(o, skip_special_tokens=True)) for o in options]
 
     def _sentences(self) -> SentenceIndex:
         if self._sentence_index is None:
             self._sentence_index = SentenceIndex(self.document.text)
         return self._sentence_index
 
-    def _neighbours(self, options: list[list[int]], scores: list[float], best: int = NEIGHBOUR_OF,
-                    reach: int = NEIGHBOUR_CHARS) -> list[list[int]]:
+    def _neighbours(self, options: list[list[int]], places: list[tuple[int, int] | None], scores: list[float],
+                    best: int = NEIGHBOUR_OF, reach: int = NEIGHBOUR_CHARS) -> list[list[int]]:
         """The sentences within `reach` characters of the `best` best-scoring
         options' places in the document that are not options yet: a question
         often lands next to its answer ("a new girl in the garden" ... "she
@@ -363,7 +362,7 @@ class DocumentSession:
         with it."""
         tok, text, seen, out = self.loaded.tokenizer, self.document.text, {tuple(o) for o in options}, []
         for i in sorted(range(len(options)), key=lambda i: -scores[i])[:best]:
-            span = quoted_span(self, tok.decode(options[i], skip_special_tokens=True), TokenMass(torch.zeros(0), 1))
+            span = places[i]
             if span is None:
                 continue
             for a, b in sentences_around(text, max(span[0] - reach, 0), span[1] + reach):
