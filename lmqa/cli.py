@@ -824,7 +824,8 @@ def train_command(
     code: Annotated[Optional[list[Path]], typer.Option(help="Python source directory for codebase QA examples (repeatable).")] = None,
     init_adapter: Annotated[Optional[Path], typer.Option(help="Start the LoRA and landmark row from this adapter directory (adapter_model.safetensors of the same rank).")] = None,
     lora_rank: Annotated[int, typer.Option(min=1, help="LoRA rank on all attention and MLP projections.")] = 16,
-    attention_tile: Annotated[Optional[int], typer.Option(min=1, help="Query blocks per attention tile (memory-efficient grouped softmax).")] = 4,
+    attention_tile: Annotated[Optional[int], typer.Option(min=1, help="Query blocks per attention tile of the torch form (memory-efficient grouped softmax).")] = 4,
+    attention: Annotated[str, typer.Option("--attention", help="Grouped-softmax form: fused (Triton kernels, CUDA), tiled (torch, any device) or auto (fused where it runs).")] = "auto",
     save_every: Annotated[int, typer.Option(min=1, help="Checkpoint interval in steps.")] = 100,
     max_minutes: Annotated[Optional[float], typer.Option(min=0.0, help="Stop with a checkpoint after this many minutes.")] = None,
     tokenize_only: Annotated[Optional[Path], typer.Option(help="Only tokenize DATA into this .safetensors file and exit.")] = None,
@@ -860,10 +861,12 @@ def train_command(
     cfg = TrainConfig(output=output, steps=steps, context=context, block_size=loaded.landmark.block_size,
                       batch_size=batch_size, grad_accum=grad_accum, lr=lr, synthetic_rate=synthetic_rate,
                       lora_rank=lora_rank, lora_alpha=2 * lora_rank, save_every=save_every, seed=seed,
-                      attention_tile=attention_tile, max_minutes=max_minutes, qa_rate=qa_rate,
+                      attention_tile=attention_tile, attention_form=attention, max_minutes=max_minutes, qa_rate=qa_rate,
                       book_qa_rate=book_qa_rate)
     if book_qa_rate and not qa_rate:
         raise UserError("--book-qa-rate is a share of the QA examples: give --qa-rate too")
+    if attention not in ("auto", "fused", "tiled"):
+        raise UserError(f"--attention must be auto, fused or tiled, not {attention!r}")
     code_files = [f for d in code or [] for f in read_python_files(d)]
     if code and not code_files:
         raise UserError(f"no readable .py file under {', '.join(map(str, code))}")

@@ -43,7 +43,8 @@ class TrainConfig:
     lora_alpha: int = 32
     save_every: int = 100
     seed: int = 0
-    attention_tile: int | None = None  # query blocks per tile: bounds attention memory
+    attention_tile: int | None = None  # query blocks per tile of the torch form: bounds its attention memory
+    attention_form: str = "auto"  # "fused" (Triton kernels), "tiled" (torch) or "auto" (fused where it runs)
     max_minutes: float | None = None  # stop (with a checkpoint) after this long
 
     @property
@@ -160,7 +161,7 @@ def train(model, sampler, landmark_id: int, cfg: TrainConfig, log=print, progres
     accelerator = Accelerator(mixed_precision="bf16" if use_cuda else "no", gradient_accumulation_steps=cfg.grad_accum,
                               cpu=not use_cuda)
     torch.manual_seed(cfg.seed + accelerator.process_index)
-    use_landmark_attention(model, cfg.block_size, tile=cfg.attention_tile)
+    use_landmark_attention(model, cfg.block_size, tile=cfg.attention_tile, form=cfg.attention_form)
     sampler.rng.seed(cfg.seed + accelerator.process_index)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))

@@ -1,0 +1,234 @@
+"""Fused training form of the grouped softmax (method page, section 2): Triton
+forward and backward kernels, FlashAttention-style.
+
+Why: the plain form (engine/grouped_attention.py) writes a [queries x keys]
+score tensor per layer; untiled it does not fit an 80 GB card at batch 16 x
+2048, and tiled and checkpointed it trains at a sixth of SDPA's speed. Here the
+scores live only in on-chip tiles.
+
+The layout makes a fused kernel simple: every landmark block is S = b + 1
+slots (the last one its landmark), and one key tile is exactly one block. For a
+query row i in block g, block h contributes its inner softmax's output
+o_ih = sum_j p_ij v_j, with an outer logit c_ih: the landmark's score if h < g,
+the log-sum-exp of the visible own-block scores if h == g. The output is
+sum_h softmax_h(c_ih) o_ih, accumulated block by block with an online softmax
+over the c's, as FlashAttention accumulates over key tiles.
+
+Backward, with w_ij = P_ih p_ij the weight of token j (P the outer softmax),
+D_i = dO_i . O_i and E_ih = dO_i . o_ih:
+  * dV_j = sum_i w_ij dO_i;
+  * an earlier block's token: ds_ij = w_ij (dO_i . v_j - E_ih); its landmark:
+    ds_iL = P_ih (E_ih - D_i);
+  * an own-block token: ds_ij = w_ij (dO_i . v_j - D_i) (plain attention's rule,
+    since c_ig is the log-sum-exp of those same scores).
+Each tile recomputes its block's inner softmax whole, so only the outer
+log-sum-exp per row is saved. dK/dV and dQ are two kernels (no atomics).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+try:
+    import triton
+    import triton.language as tl
+except Exception:  # noqa: BLE001 - no Triton (or a broken one): the tiled torch form serves
+    triton = None
+
+LOG2_E = 1.0 / math.log(2.0)
+
+
+def supported(q: torch.Tensor, block_size: int) -> bool:
+    """Whether fused_sequence_attention can run these inputs: Triton on a CUDA
+    tensor (or in its interpreter), a block of S = b + 1 slots that is a power of
+    two of at least 16 (one tl.dot tile), and a head size tl.dot takes."""
+    import os
+
+    S, d = block_size + 1, q.shape[-1]
+    on_device = q.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
+    return (triton is not None and on_device and S >= 16 and S & (S - 1) == 0
+            and d >= 16 and d & (d - 1) == 0)
+
+
+if triton is not None:
+
+    @triton.jit
+    def _inner(q, k, own, scale, S: tl.constexpr, ACC: tl.constexpr):
+        """One key block seen from one query block: the inner softmax
+        (normalised) and the block's outer logit, in base-2 units (scale
+        carries log2(e) / sqrt(d))."""
+        cols = tl.arange(0, S)
+        rows = tl.arange(0, S)
+        s = tl.dot(q, tl.trans(k), out_dtype=ACC) * scale  # [S_q, S_k]
+        is_lm = cols[None, :] == S - 1
+        hidden = is_lm | (own & (cols[None, :] > rows[:, None]))
+        s_in = tl.where(hidden, float("-inf"), s)
+        m = tl.max(s_in, 1)
+        p = tl.exp2(s_in - m[:, None])
+        l = tl.sum(p, 1)
+        p = p / l[:, None]
+        landmark = tl.sum(tl.where(is_lm, s, 0.0), 1)
+        gate = tl.where(own, m + tl.log2(l), landmark)
+        return p, gate
+
+    @triton.jit
+    def _fwd_kernel(Q, K, V, O, LSE, sqb, sqh, sqt, skb, skh, skt, sob, soh, sot,
+                    H, GROUP, scale, S: tl.constexpr, D: tl.constexpr, ACC: tl.constexpr):
+        g = tl.program_id(0)
+        bh = tl.program_id(1)
+        b, h = bh // H, bh % H
+        hk = h // GROUP
+        pos = tl.arange(0, S)
+        dd = tl.arange(0, D)
+        q = tl.load(Q + b * sqb + h * sqh + (g * S + pos)[:, None] * sqt + dd[None, :])
+        kbase = K + b * skb + hk * skh
+        vbase = V + b * skb + hk * skh
+        m_o = tl.full([S], float("-inf"), ACC)
+        l_o = tl.zeros([S], ACC)
+        acc = tl.zeros([S, D], ACC)
+        for blk in range(0, g + 1):
+            offs = (blk * S + pos)[:, None] * skt + dd[None, :]
+            k = tl.load(kbase + offs)
+            v = tl.load(vbase + offs)
+            p, gate = _inner(q, k, blk == g, scale, S, ACC)
+            o_blk = tl.dot(p.to(v.dtype), v, out_dtype=ACC)
+            m_new = tl.maximum(m_o, gate)
+            alpha = tl.exp2(m_o - m_new)
+            beta = tl.exp2(gate - m_new)
+            acc = acc * alpha[:, None] + o_blk * beta[:, None]
+            l_o = l_o * alpha + beta
+            m_o = m_new
+        out = acc / l_o[:, None]
+        tl.store(O + b * sob + h * soh + (g * S + pos)[:, None] * sot + dd[None, :], out.to(O.dtype.element_ty))
+        tl.store(LSE + bh * tl.num_programs(0) * S + g * S + pos, m_o + tl.log2(l_o))
+
+    @triton.jit
+    def _block_grads(q, k, v, do, lse, delta, own, scale, S: tl.constexpr, ACC: tl.constexpr):
+        """The token weights w and score gradients ds (natural units) of one key
+        block for one query block (module docstring's backward)."""
+        cols = tl.arange(0, S)
+        p, gate = _inner(q, k, own, scale, S, ACC)
+        outer = tl.exp2(gate - lse)  # P_ih
+        w = p * outer[:, None]
+        dp = tl.dot(do, tl.trans(v), out_dtype=ACC)  # dO_i . v_j
+        e = tl.sum(p * dp, 1)  # E_ih
+        ds = w * (dp - tl.where(own, delta, e)[:, None])
+        is_lm = cols[None, :] == S - 1
+        lm_grad = tl.where(own, 0.0, outer * (e - delta))
+        ds = tl.where(is_lm, lm_grad[:, None], ds)
+        return w, ds
+
+    @triton.jit
+    def _bwd_kv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, sqb, sqh, sqt, skb, skh, skt,
+                       H, HKV, GROUP, NB, scale, sm_scale, S: tl.constexpr, D: tl.constexpr, ACC: tl.constexpr):
+        blk = tl.program_id(0)
+        bh = tl.program_id(1)
+        b, hk = bh // HKV, bh % HKV
+        pos = tl.arange(0, S)
+        dd = tl.arange(0, D)
+        koffs = b * skb + hk * skh + (blk * S + pos)[:, None] * skt + dd[None, :]
+        k = tl.load(K + koffs)
+        v = tl.load(V + koffs)
+        dk = tl.zeros([S, D], ACC)
+        dv = tl.zeros([S, D], ACC)
+        for j in range(0, GROUP):
+            h = hk * GROUP + j
+            for g in range(blk, NB):
+                qoffs = b * sqb + h * sqh + (g * S + pos)[:, None] * sqt + dd[None, :]
+                q = tl.load(Q + qoffs)
+                do = tl.load(DO + qoffs)
+                row = (b * H + h) * NB * S + g * S + pos
+                w, ds = _block_grads(q, k, v, do, tl.load(LSE + row), tl.load(DELTA + row), g == blk, scale, S, ACC)
+                dv += tl.dot(tl.trans(w.to(do.dtype)), do, out_dtype=ACC)
+                dk += tl.dot(tl.trans(ds.to(q.dtype)), q, out_dtype=ACC)
+        tl.store(DK + koffs, (dk * sm_scale).to(DK.dtype.element_ty))
+        tl.store(DV + koffs, dv.to(DV.dtype.element_ty))
+
+    @triton.jit
+    def _bwd_q_kernel(Q, K, V, DO, LSE, DELTA, DQ, sqb, sqh, sqt, skb, skh, skt,
+                      H, GROUP, NB, scale, sm_scale, S: tl.constexpr, D: tl.constexpr, ACC: tl.constexpr):
+        g = tl.program_id(0)
+        bh = tl.program_id(1)
+        b, h = bh // H, bh % H
+        hk = h // GROUP
+        pos = tl.arange(0, S)
+        dd = tl.arange(0, D)
+        qoffs = b * sqb + h * sqh + (g * S + pos)[:, None] * sqt + dd[None, :]
+        q = tl.load(Q + qoffs)
+        do = tl.load(DO + qoffs)
+        row = bh * NB * S + g * S + pos
+        lse = tl.load(LSE + row)
+        delta = tl.load(DELTA + row)
+        dq = tl.zeros([S, D], ACC)
+        for blk in range(0, g + 1):
+            koffs = b * skb + hk * skh + (blk * S + pos)[:, None] * skt + dd[None, :]
+            k = tl.load(K + koffs)
+            v = tl.load(V + koffs)
+            w, ds = _block_grads(q, k, v, do, lse, delta, blk == g, scale, S, ACC)
+            dq += tl.dot(ds.to(k.dtype), k, out_dtype=ACC)
+        tl.store(DQ + qoffs, (dq * sm_scale).to(DQ.dtype.element_ty))
+
+
+def _acc_dtype(x: torch.Tensor):
+    return tl.float64 if x.dtype == torch.float64 else tl.float32
+
+
+def _launch_args(q: torch.Tensor, k: torch.Tensor) -> tuple:
+    return (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2))
+
+
+def _warps(d: int) -> int:
+    return 4 if d <= 64 else 8
+
+
+class _FusedGroupedAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, S: int):
+        B, H, T, d = q.shape
+        Hkv = k.shape[1]
+        NB = T // S
+        o = torch.empty_like(q)
+        lse = torch.empty(B * H * T, device=q.device, dtype=torch.float32 if q.dtype != torch.float64 else q.dtype)
+        scale = LOG2_E / math.sqrt(d)
+        _fwd_kernel[(NB, B * H)](q, k, v, o, lse, *_launch_args(q, k), o.stride(0), o.stride(1), o.stride(2),
+                                 H, H // Hkv, scale, S=S, D=d, ACC=_acc_dtype(q), num_warps=_warps(d))
+        ctx.save_for_backward(q, k, v, o, lse)
+        ctx.S = S
+        return o
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, o, lse = ctx.saved_tensors
+        S = ctx.S
+        B, H, T, d = q.shape
+        Hkv = k.shape[1]
+        NB = T // S
+        do = do.contiguous()
+        delta = (do.to(lse.dtype) * o.to(lse.dtype)).sum(-1).reshape(-1)  # D_i = dO_i . O_i  # [B*H*T]
+        dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+        scale, sm_scale = LOG2_E / math.sqrt(d), 1.0 / math.sqrt(d)
+        acc = _acc_dtype(q)
+        _bwd_kv_kernel[(NB, B * Hkv)](q, k, v, do, lse, delta, dk, dv, *_launch_args(q, k), H, Hkv, H // Hkv, NB,
+                                      scale, sm_scale, S=S, D=d, ACC=acc, num_warps=_warps(d))
+        _bwd_q_kernel[(NB, B * H)](q, k, v, do, lse, delta, dq, *_launch_args(q, k), H, H // Hkv, NB,
+                                   scale, sm_scale, S=S, D=d, ACC=acc, num_warps=_warps(d))
+        return dq, dk, dv, None
+
+
+def fused_sequence_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_size: int) -> torch.Tensor:
+    """sequence_grouped_attention (engine/grouped_attention.py) through the fused
+    kernels: the whole sequence with a landmark at every (b+1)-th slot.
+
+    q: [B, H, T, d]; k, v: [B, Hkv, T, d] (rotated); differentiable. A trailing
+    partial block is padded: causality hides the padding from every real query.
+    """
+    S = block_size + 1
+    T = q.shape[2]
+    pad = -T % S
+    if pad:
+        q, k, v = (F.pad(x, (0, 0, 0, pad)) for x in (q, k, v))
+    out = _FusedGroupedAttention.apply(q.contiguous(), k.contiguous(), v.contiguous(), S)
+    return out[:, :, :T] if pad else out
