@@ -239,7 +239,7 @@ def eval_command(
     lengths: Annotated[str, typer.Option("--lengths", help="Comma-separated prompt lengths in tokens (needle, passkey and ruler tasks).")] = "4000,32000",
     depths: Annotated[str, typer.Option("--depths", help="Comma-separated depths of the fact, in percent of the document.")] = "0,25,50,75,100",
     trials: Annotated[int, typer.Option("--trials", "-t", min=1, help="Trials per length and depth (ruler: samples per task and length).")] = 2,
-    tasks: Annotated[str, typer.Option("--tasks", help="Comma-separated: needle (fact QA in eval books), passkey, code (questions about real source trees: where is X defined, what does Y, what calls X; with a BM25 baseline), bookqa (reader's questions on whole held-out books; not in the default), ruler (RULER's 11 synthetic tasks, or name some: niah_single_1, vt, cwe, ...; not in the default).")] = "needle,passkey,code",
+    tasks: Annotated[str, typer.Option("--tasks", help="Comma-separated: needle (fact QA in eval books), passkey, code (questions about real source trees: where is X defined, what does Y, what calls X; with a BM25 baseline), bookqa (reader's questions on whole held-out books; not in the default), ruler (RULER's 11 synthetic tasks, or name some: niah_single_1, vt, cwe, ...; not in the default), fairytaleqa (FairytaleQA's questions on whole stories, ROUGE-L; not in the default), squad (SQuAD dev v1.1 and v2.0 on held-out articles, each paragraph inside --realqa-filler tokens of others, EM/F1 and refusals; not in the default).")] = "needle,passkey,code",
     seed: Annotated[int, typer.Option("--seed", help="Random seed for haystacks, needles, keys and placements (decoding is greedy).")] = 0,
     out: Annotated[Path, typer.Option("--out", "-o", help="Directory for eval.json (every trial), eval.txt (the table) and eval.png (the heatmap).")] = Path("lmqa-eval"),
     books: Annotated[Optional[Path], typer.Option("--books", help="Evaluation books (*.txt) for the needle haystacks (default: shared/books/eval of the repository).")] = None,
@@ -251,6 +251,11 @@ def eval_command(
     bookqa_dir: Annotated[Optional[Path], typer.Option("--bookqa-dir", help="Where the bookqa books are (default: shared/books/train of the repository).")] = None,
     bookqa_books: Annotated[Optional[str], typer.Option("--bookqa-books", help="Comma-separated bookqa books (file names or stems) to ask about (default: all).")] = None,
     bookqa_limit: Annotated[Optional[int], typer.Option("--bookqa-limit", min=1, help="Ask only the first N bookqa questions of each book.")] = None,
+    realqa_dir: Annotated[Optional[Path], typer.Option("--realqa-dir", help="Where fairytaleqa/ and squad-dev/ are (default: shared/data/qa of the repository).")] = None,
+    realqa_split: Annotated[str, typer.Option("--realqa-split", help="FairytaleQA split: test or val.")] = "test",
+    realqa_limit: Annotated[Optional[int], typer.Option("--realqa-limit", min=1, help="Ask only N questions per set (fairytaleqa: spread over stories; squad: of each version), chosen by --seed.")] = None,
+    realqa_filler: Annotated[int, typer.Option("--realqa-filler", min=0, help="squad: tokens of other paragraphs around the question's paragraph.")] = 4000,
+    realqa_answer: Annotated[str, typer.Option("--realqa-answer", help="fairytaleqa/squad: comma-separated answer paths to score side by side (lmqa/evaluation/realqa.py ANSWER_PATHS; ask = lmqa ask's).")] = "ask",
     as_json: Annotated[bool, typer.Option("--json", help="Print the JSON result (summary and every trial) and nothing else on stdout.")] = False,
     model: ModelOpt = None, quantize: QuantOpt = "none", device: DeviceOpt = "auto",
     kv_offload: OffloadOpt = "auto", top_k: TopKOpt = None,
@@ -269,12 +274,15 @@ def eval_command(
     if not sizes or min(sizes) < 256:
         raise UserError("--lengths needs lengths of at least 256 tokens")
     ruler_tasks = RULER_TASKS if "ruler" in chosen else tuple(t for t in chosen if t in RULER_TASKS)
-    if not chosen or set(chosen) - set(TASKS) - {"code", "bookqa", "ruler"} - set(RULER_TASKS):
-        raise UserError(f"--tasks must name some of {', '.join(TASKS)}, code, bookqa, ruler (or its tasks), not {tasks!r}")
+    if not chosen or set(chosen) - set(TASKS) - {"code", "bookqa", "ruler", "fairytaleqa", "squad"} - set(RULER_TASKS):
+        raise UserError(f"--tasks must name some of {', '.join(TASKS)}, code, bookqa, ruler (or its tasks), "
+                        f"fairytaleqa, squad, not {tasks!r}")
     grid = tuple(t for t in chosen if t in TASKS)  # the tasks with lengths and depths
     _output_path(out, "--out")
     try:
         depth_values = parse_depths(depths)
+        realqa = RealQA(realqa_dir, realqa_split, realqa_limit, realqa_filler, realqa_answer, seed, max_new_tokens,
+                        candidates) if {"fairytaleqa", "squad"} & set(chosen) else None
         book_texts = read_books(books_dir(books)) if "needle" in chosen or ruler_tasks else []
         loaded = _load(model, quantize, device, top_k, None)
         engine = _engine(loaded, kv_offload)
@@ -286,6 +294,10 @@ def eval_command(
         ruler_data = _ruler(loaded, engine, out, ruler_tasks, sizes, trials, seed, candidates, book_texts,
                             as_json) if ruler_tasks else None
         code_data = _code_eval(loaded, engine, out, max_new_tokens, candidates, as_json) if "code" in chosen else None
+        fairytale_data = _fairytaleqa(loaded, engine, out, realqa, as_json) if "fairytaleqa" in chosen else None
+        squad_data = _squad(loaded, engine, out, realqa, as_json) if "squad" in chosen else None
+        extra = {"code": code_data, "bookqa": books_data, "ruler": ruler_data, "fairytaleqa": fairytale_data,
+                 "squad": squad_data}
         evaluator = Evaluator(loaded, engine, settings, book_texts, load_needles(), base)
         progress, evaluator.progress = _prefill_bar(evaluator.positions(), "eval")
         done = []
@@ -306,18 +318,12 @@ def eval_command(
         raise UserError(str(e)) from None
     if not grid:
         if as_json:
-            print(json.dumps({k: v for k, v in (("code", code_data), ("bookqa", books_data), ("ruler", ruler_data)) if v is not None},
-                             ensure_ascii=False))
+            print(json.dumps({k: v for k, v in extra.items() if v is not None}, ensure_ascii=False))
         return
     rows = summarize(done)
     title = f"lmqa eval: {loaded.name}, k={loaded.landmark.top_k}, b={loaded.landmark.block_size}, seed {seed}"
     data = report(settings, done, loaded.name, base.name if base is not None else None)
-    if code_data is not None:
-        data["code"] = code_data
-    if books_data is not None:
-        data["bookqa"] = books_data
-    if ruler_data is not None:
-        data["ruler"] = ruler_data
+    data.update({k: v for k, v in extra.items() if v is not None})
     try:
         paths = write_outputs(out, data, rows, title)
     except OSError as e:
@@ -403,6 +409,99 @@ def _bookqa(loaded, engine, out: Path, directory: Optional[Path], books: Optiona
     if not as_json:
         console.print(bookqa.table(data["summary"], f"lmqa eval bookqa: {loaded.name}, {sampling.candidates} candidates"))
     return data
+
+
+@dataclass(frozen=True)
+class RealQA:
+    """The eval options of the fairytaleqa and squad tasks."""
+
+    directory: Optional[Path]
+    split: str
+    limit: Optional[int]
+    filler: int
+    answer: str  # comma-separated answer paths
+    seed: int
+    max_new_tokens: int
+    candidates: int
+
+    def __post_init__(self):
+        """Bad options fail here, before the model loads and other tasks run."""
+        from lmqa.evaluation.realqa import SPLITS, data_dir
+        from lmqa.evaluation.tasks import EvalError
+
+        if self.split not in SPLITS:
+            raise EvalError(f"--realqa-split must be one of {', '.join(SPLITS)}, not {self.split!r}")
+        data_dir(self.directory)
+        self.paths()
+
+    def paths(self):
+        """The sampling settings and the named answer paths."""
+        from lmqa.engine.generation import SamplingConfig
+        from lmqa.evaluation.realqa import answer_paths
+
+        sampling = SamplingConfig(max_new_tokens=self.max_new_tokens, candidates=self.candidates)
+        return sampling, answer_paths([a.strip() for a in self.answer.split(",") if a.strip()], sampling)
+
+
+def _said_realqa(task: str, width: int = 70):
+    """The line the fairytaleqa and squad tasks print per question: each
+    method's scores, the answer paths' time, the question and the first
+    path's answer."""
+    from lmqa.evaluation.realqa import BASELINE, said as scores_of
+
+    def said(r) -> None:
+        first = next(iter(r.replies.values()))
+        seconds = sum(reply.seconds for name, reply in r.replies.items() if name != BASELINE)
+        err.print(f"[dim]{task} {escape(r.group)} in {seconds:.1f} s: {escape(scores_of(r))}: "
+                  f"{escape(repr(r.question))} -> {escape(repr(first.answer[:width]))}[/dim]",
+                  soft_wrap=True, highlight=False)
+
+    return said
+
+
+def _realqa_done(out: Path, name: str, data: dict, title: str, as_json: bool) -> dict:
+    """Save a fairytaleqa/squad result as OUT/name and print its table (unless --json)."""
+    from lmqa.evaluation import realqa
+
+    _save_results(out, name, data)
+    if not as_json:
+        console.print(realqa.table(data["summary"], title))
+    return data
+
+
+def _fairytaleqa(loaded, engine, out: Path, options: RealQA, as_json: bool) -> dict:
+    """`lmqa eval --tasks fairytaleqa`: the chosen stories read whole (their
+    contexts kept in OUT/contexts) and asked their questions; OUT/fairytaleqa.json."""
+    from lmqa.evaluation import realqa
+
+    sampling, paths = options.paths()
+    questions, stories = realqa.fairytaleqa(realqa.data_dir(options.directory), options.split, options.limit,
+                                            options.seed)
+    runs = realqa.run_fairytaleqa(questions, stories, loaded, engine, paths, out,
+                                  lambda total: _prefill_bar(total, "reading a story"), _said_realqa("fairytaleqa"))
+    settings = {"split": options.split, "limit": options.limit, "seed": options.seed, "answer_paths": list(paths)}
+    return _realqa_done(out, "fairytaleqa.json", realqa.report(runs, loaded.name, sampling, settings),
+                        f"lmqa eval fairytaleqa: {loaded.name}, {options.split} split, seed {options.seed}", as_json)
+
+
+def _squad(loaded, engine, out: Path, options: RealQA, as_json: bool) -> dict:
+    """`lmqa eval --tasks squad`: SQuAD dev v1.1 and v2.0 questions on
+    held-out articles, each asked of its paragraph among other paragraphs; OUT/squad.json."""
+    from lmqa.evaluation import realqa
+
+    sampling, paths = options.paths()
+    root = realqa.data_dir(options.directory)
+    runs = []
+    for version in realqa.SQUAD_VERSIONS:
+        dev = realqa.squad(root, version)
+        questions = realqa.pick_squad(dev.questions, options.limit, options.seed)
+        runs += realqa.run_squad(questions, dev.articles, loaded, engine, paths, options.filler, options.seed,
+                                 lambda total: _prefill_bar(total, f"reading v{version}"), _said_realqa("squad"))
+    settings = {"versions": list(realqa.SQUAD_VERSIONS), "limit": options.limit, "filler_tokens": options.filler,
+                "seed": options.seed, "answer_paths": list(paths)}
+    return _realqa_done(out, "squad.json", realqa.report(runs, loaded.name, sampling, settings),
+                        f"lmqa eval squad: {loaded.name}, {options.filler:,} filler tokens, seed {options.seed}",
+                        as_json)
 
 
 def _ruler(loaded, engine, out: Path, tasks: tuple[str, ...], lengths: tuple[int, ...], samples: int, seed: int,
