@@ -828,11 +828,20 @@ def bench(
     prefill: Annotated[str, typer.Option("--prefill", help="Engine prefill paths to measure: layer (layer-major), serial (chunk-serial, the reference), or both (layer,serial: their ratio in one run).")] = "layer",
     max_gpu_memory: MaxGpuOpt = "auto",
     as_json: Annotated[bool, typer.Option("--json", help="Print the rows and ratios as one JSON object (no table cut to the terminal's width) and nothing else on stdout.")] = False,
+    train: Annotated[bool, typer.Option("--train", help="Instead: positions/s of lmqa train's step with each grouped-softmax form beside SDPA causal attention, same LoRA model, random ids.")] = False,
+    batch_size: Annotated[int, typer.Option(min=1, help="With --train: sequences per step.")] = 16,
+    context: Annotated[int, typer.Option(min=64, help="With --train: positions per sequence.")] = 2048,
+    forms: Annotated[str, typer.Option("--forms", help="With --train: attention forms to time, of sdpa, fused, tiled.")] = "sdpa,fused,tiled",
+    steps: Annotated[int, typer.Option(min=1, help="With --train: timed steps per form (after 2 warm-up steps).")] = 5,
 ):
-    """Engine vs transformers' full attention: prefill tokens/s, decode ms/token and memory, in one run."""
+    """Engine vs transformers' full attention: prefill tokens/s, decode ms/token and memory, in one run.
+    With --train: the training step's speed per attention form."""
     from dataclasses import asdict
 
     import torch
+
+    if train:
+        return _bench_train(model, device, batch_size, context, forms, steps, as_json)
 
     from lmqa.evaluation.bench import bench_engine, bench_full, prompt_ids
     from lmqa.engine.memory_budget import format_size
@@ -904,6 +913,43 @@ def bench(
     for x in layer_vs_serial:
         console.print(f"layer-major prefill at {x['tokens']:,} tokens: {x['prefill']:.2f}x the chunk-serial one; "
                       f"decode {x['decode']:.2f}x")
+
+
+def _bench_train(model, device, batch_size: int, context: int, forms: str, steps: int, as_json: bool) -> None:
+    import torch
+
+    from lmqa.evaluation.train_bench import bench_train_step
+    from lmqa.train.finetune import add_lora
+
+    chosen = [f.strip() for f in forms.split(",") if f.strip()]
+    if not chosen or set(chosen) - {"sdpa", "fused", "tiled"}:
+        raise UserError(f"--forms must name some of sdpa, fused, tiled, not {forms!r}")
+    loaded = _load(model or "smollm2-135m", "none", device, None, None)
+    if "fused" in chosen:
+        from lmqa.train.fused_attention import supported
+
+        probe = torch.zeros(1, 1, 1, loaded.model.config.head_dim, device=loaded.model.device)
+        if not supported(probe, loaded.landmark.block_size):
+            raise UserError("--forms fused needs Triton on a CUDA device and a block of 2^n - 1 tokens; "
+                            "leave it out (--forms sdpa,tiled)")
+    peft_model = add_lora(loaded.model, loaded.landmark.landmark_id, 16, 32)
+    rows = []
+    for form in chosen:
+        with err.status(f"training steps with {form} attention, batch {batch_size} x {context}"):
+            rows.append(bench_train_step(peft_model, form, loaded.landmark.block_size, batch_size, context, steps))
+    base = next((r for r in rows if r.attention == "sdpa"), None)
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() and loaded.model.device.type == "cuda" else None
+    if as_json:
+        print(json.dumps({"model": loaded.name, "gpu": gpu, "rows": [asdict(r) for r in rows]}))
+        return
+    table = Table(title=f"lmqa bench --train: {loaded.name}, LoRA r16, {gpu or 'CPU'}")
+    for col in ("attention", "batch x context", "ms/step", "positions/s", "vs sdpa", "GPU peak MiB"):
+        table.add_column(col, justify="right")
+    for r in rows:
+        table.add_row(r.attention, f"{r.batch} x {r.context}", f"{r.step_ms:,.0f}", f"{r.positions_s:,.0f}",
+                      f"{r.positions_s / base.positions_s:.2f}x" if base else "-",
+                      f"{r.gpu_peak_mib:,.0f}" if r.gpu_peak_mib is not None else "-")
+    console.print(table)
 
 
 # ----- train -----

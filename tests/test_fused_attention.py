@@ -107,6 +107,23 @@ def test_forward_and_backward_float64(case):
 
 
 @in_child
+def test_inputs_in_transformers_layout():
+    """q and v as transformers hands them over ([B, T, H, d] memory, transposed
+    views), k contiguous: read in place, the output in q's layout."""
+    B, H, Hkv, T, d, b = 1, 2, 1, 48, 16, 15
+    q0, k, v0 = inputs(B, H, Hkv, T, d, torch.float64)
+    q = q0.detach().transpose(1, 2).contiguous().transpose(1, 2).requires_grad_()
+    v = v0.detach().transpose(1, 2).contiguous().transpose(1, 2).requires_grad_()
+    out = fused_sequence_attention(q, k, v, b)
+    assert out.stride() == q.stride()
+    ref = dense_reference(q0, k, v0, b)
+    assert (out - ref).abs().max().item() < 1e-10
+    grad = torch.randn_like(ref)
+    for a, w in zip(torch.autograd.grad(out, (q, k, v), grad), torch.autograd.grad(ref, (q0, k, v0), grad)):
+        assert (a - w).abs().max().item() < 1e-9
+
+
+@in_child
 def test_unsupported_block_sizes_are_refused():
     q = torch.zeros(1, 1, 16, 16)
     assert not supported(q, 14)  # 15 slots: not a power of two

@@ -28,6 +28,7 @@ log-sum-exp per row is saved. dK/dV and dQ are two kernels (no atomics).
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 import torch.nn.functional as F
@@ -45,8 +46,6 @@ def supported(q: torch.Tensor, block_size: int) -> bool:
     """Whether fused_sequence_attention can run these inputs: Triton on a CUDA
     tensor (or in its interpreter), a block of S = b + 1 slots that is a power of
     two of at least 16 (one tl.dot tile), and a head size tl.dot takes."""
-    import os
-
     S, d = block_size + 1, q.shape[-1]
     on_device = q.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
     return (triton is not None and on_device and S >= 16 and S & (S - 1) == 0
@@ -74,8 +73,16 @@ if triton is not None:
         gate = tl.where(own, m + tl.log2(l), landmark)
         return p, gate
 
-    @triton.jit
-    def _fwd_kernel(Q, K, V, O, LSE, sqb, sqh, sqt, skb, skh, skt, sob, soh, sot,
+    def _tuned(kernel):
+        """Warps and pipeline stages chosen per (S, D) by timing on first use
+        (a few seconds); the interpreter takes the first configuration."""
+        if os.environ.get("TRITON_INTERPRET") == "1":
+            return triton.jit(kernel)
+        configs = [triton.Config({}, num_warps=w, num_stages=n) for w in (4, 8) for n in (1, 2, 3)]
+        return triton.autotune(configs, key=["S", "D"])(triton.jit(kernel))
+
+    @_tuned
+    def _fwd_kernel(Q, K, V, O, LSE, sqb, sqh, sqt, skb, skh, skt, svb, svh, svt,
                     H, GROUP, scale, S: tl.constexpr, D: tl.constexpr, ACC: tl.constexpr):
         g = tl.program_id(0)
         bh = tl.program_id(1)
@@ -85,14 +92,13 @@ if triton is not None:
         dd = tl.arange(0, D)
         q = tl.load(Q + b * sqb + h * sqh + (g * S + pos)[:, None] * sqt + dd[None, :])
         kbase = K + b * skb + hk * skh
-        vbase = V + b * skb + hk * skh
+        vbase = V + b * svb + hk * svh
         m_o = tl.full([S], float("-inf"), ACC)
         l_o = tl.zeros([S], ACC)
         acc = tl.zeros([S, D], ACC)
         for blk in range(0, g + 1):
-            offs = (blk * S + pos)[:, None] * skt + dd[None, :]
-            k = tl.load(kbase + offs)
-            v = tl.load(vbase + offs)
+            k = tl.load(kbase + (blk * S + pos)[:, None] * skt + dd[None, :])
+            v = tl.load(vbase + (blk * S + pos)[:, None] * svt + dd[None, :])
             p, gate = _inner(q, k, blk == g, scale, S, ACC)
             o_blk = tl.dot(p.to(v.dtype), v, out_dtype=ACC)
             m_new = tl.maximum(m_o, gate)
@@ -102,7 +108,7 @@ if triton is not None:
             l_o = l_o * alpha + beta
             m_o = m_new
         out = acc / l_o[:, None]
-        tl.store(O + b * sob + h * soh + (g * S + pos)[:, None] * sot + dd[None, :], out.to(O.dtype.element_ty))
+        tl.store(O + b * sqb + h * sqh + (g * S + pos)[:, None] * sqt + dd[None, :], out.to(O.dtype.element_ty))
         tl.store(LSE + bh * tl.num_programs(0) * S + g * S + pos, m_o + tl.log2(l_o))
 
     @triton.jit
@@ -121,8 +127,8 @@ if triton is not None:
         ds = tl.where(is_lm, lm_grad[:, None], ds)
         return w, ds
 
-    @triton.jit
-    def _bwd_kv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, sqb, sqh, sqt, skb, skh, skt,
+    @_tuned
+    def _bwd_kv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, sqb, sqh, sqt, skb, skh, skt, svb, svh, svt,
                        H, HKV, GROUP, NB, scale, sm_scale, S: tl.constexpr, D: tl.constexpr, ACC: tl.constexpr):
         blk = tl.program_id(0)
         bh = tl.program_id(1)
@@ -130,8 +136,9 @@ if triton is not None:
         pos = tl.arange(0, S)
         dd = tl.arange(0, D)
         koffs = b * skb + hk * skh + (blk * S + pos)[:, None] * skt + dd[None, :]
+        voffs = b * svb + hk * svh + (blk * S + pos)[:, None] * svt + dd[None, :]
         k = tl.load(K + koffs)
-        v = tl.load(V + koffs)
+        v = tl.load(V + voffs)
         dk = tl.zeros([S, D], ACC)
         dv = tl.zeros([S, D], ACC)
         for j in range(0, GROUP):
@@ -145,10 +152,10 @@ if triton is not None:
                 dv += tl.dot(tl.trans(w.to(do.dtype)), do, out_dtype=ACC)
                 dk += tl.dot(tl.trans(ds.to(q.dtype)), q, out_dtype=ACC)
         tl.store(DK + koffs, (dk * sm_scale).to(DK.dtype.element_ty))
-        tl.store(DV + koffs, dv.to(DV.dtype.element_ty))
+        tl.store(DV + voffs, dv.to(DV.dtype.element_ty))
 
-    @triton.jit
-    def _bwd_q_kernel(Q, K, V, DO, LSE, DELTA, DQ, sqb, sqh, sqt, skb, skh, skt,
+    @_tuned
+    def _bwd_q_kernel(Q, K, V, DO, LSE, DELTA, DQ, sqb, sqh, sqt, skb, skh, skt, svb, svh, svt,
                       H, GROUP, NB, scale, sm_scale, S: tl.constexpr, D: tl.constexpr, ACC: tl.constexpr):
         g = tl.program_id(0)
         bh = tl.program_id(1)
@@ -164,9 +171,8 @@ if triton is not None:
         delta = tl.load(DELTA + row)
         dq = tl.zeros([S, D], ACC)
         for blk in range(0, g + 1):
-            koffs = b * skb + hk * skh + (blk * S + pos)[:, None] * skt + dd[None, :]
-            k = tl.load(K + koffs)
-            v = tl.load(V + koffs)
+            k = tl.load(K + b * skb + hk * skh + (blk * S + pos)[:, None] * skt + dd[None, :])
+            v = tl.load(V + b * svb + hk * svh + (blk * S + pos)[:, None] * svt + dd[None, :])
             w, ds = _block_grads(q, k, v, do, lse, delta, blk == g, scale, S, ACC)
             dq += tl.dot(ds.to(k.dtype), k, out_dtype=ACC)
         tl.store(DQ + qoffs, (dq * sm_scale).to(DQ.dtype.element_ty))
@@ -176,12 +182,9 @@ def _acc_dtype(x: torch.Tensor):
     return tl.float64 if x.dtype == torch.float64 else tl.float32
 
 
-def _launch_args(q: torch.Tensor, k: torch.Tensor) -> tuple:
-    return (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2))
-
-
-def _warps(d: int) -> int:
-    return 4 if d <= 64 else 8
+def _strides(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple:
+    """Batch, head and position strides of q (and of o, do, dq: same layout), k and v."""
+    return (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3])
 
 
 class _FusedGroupedAttention(torch.autograd.Function):
@@ -190,11 +193,11 @@ class _FusedGroupedAttention(torch.autograd.Function):
         B, H, T, d = q.shape
         Hkv = k.shape[1]
         NB = T // S
-        o = torch.empty_like(q)
+        o = torch.empty_like(q)  # q's layout (often [B, T, H, d] in memory, so the caller's transpose is free)
         lse = torch.empty(B * H * T, device=q.device, dtype=torch.float32 if q.dtype != torch.float64 else q.dtype)
         scale = LOG2_E / math.sqrt(d)
-        _fwd_kernel[(NB, B * H)](q, k, v, o, lse, *_launch_args(q, k), o.stride(0), o.stride(1), o.stride(2),
-                                 H, H // Hkv, scale, S=S, D=d, ACC=_acc_dtype(q), num_warps=_warps(d))
+        _fwd_kernel[(NB, B * H)](q, k, v, o, lse, *_strides(q, k, v), H, H // Hkv, scale, S=S, D=d,
+                                 ACC=_acc_dtype(q))
         ctx.save_for_backward(q, k, v, o, lse)
         ctx.S = S
         return o
@@ -206,15 +209,16 @@ class _FusedGroupedAttention(torch.autograd.Function):
         B, H, T, d = q.shape
         Hkv = k.shape[1]
         NB = T // S
-        do = do.contiguous()
+        if do.stride() != q.stride():
+            do = torch.empty_like(q).copy_(do)
         delta = (do.to(lse.dtype) * o.to(lse.dtype)).sum(-1).reshape(-1)  # D_i = dO_i . O_i  # [B*H*T]
         dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
         scale, sm_scale = LOG2_E / math.sqrt(d), 1.0 / math.sqrt(d)
         acc = _acc_dtype(q)
-        _bwd_kv_kernel[(NB, B * Hkv)](q, k, v, do, lse, delta, dk, dv, *_launch_args(q, k), H, Hkv, H // Hkv, NB,
-                                      scale, sm_scale, S=S, D=d, ACC=acc, num_warps=_warps(d))
-        _bwd_q_kernel[(NB, B * H)](q, k, v, do, lse, delta, dq, *_launch_args(q, k), H, H // Hkv, NB,
-                                   scale, sm_scale, S=S, D=d, ACC=acc, num_warps=_warps(d))
+        _bwd_kv_kernel[(NB, B * Hkv)](q, k, v, do, lse, delta, dk, dv, *_strides(q, k, v), H, Hkv, H // Hkv, NB,
+                                      scale, sm_scale, S=S, D=d, ACC=acc)
+        _bwd_q_kernel[(NB, B * H)](q, k, v, do, lse, delta, dq, *_strides(q, k, v), H, H // Hkv, NB,
+                                   scale, sm_scale, S=S, D=d, ACC=acc)
         return dq, dk, dv, None
 
 
@@ -230,5 +234,6 @@ def fused_sequence_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     pad = -T % S
     if pad:
         q, k, v = (F.pad(x, (0, 0, 0, pad)) for x in (q, k, v))
-    out = _FusedGroupedAttention.apply(q.contiguous(), k.contiguous(), v.contiguous(), S)
+    q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
+    out = _FusedGroupedAttention.apply(q, k, v, S)
     return out[:, :, :T] if pad else out
