@@ -967,6 +967,8 @@ def train_command(
     qa_rate: Annotated[float, typer.Option(min=0.0, max=1.0, help="Share of document/codebase QA examples in the ask prompt format (taken before --synthetic-rate applies to the rest).")] = 0.0,
     book_qa_rate: Annotated[float, typer.Option(min=0.0, max=1.0, help="Share of the QA examples asked about facts the training books state (their own sentences as answers; needs --qa-rate).")] = 0.0,
     code: Annotated[Optional[list[Path]], typer.Option(help="Python source directory for codebase QA examples (repeatable).")] = None,
+    qa_data: Annotated[Optional[Path], typer.Option("--qa-data", help="Folder holding fairytaleqa/ and squad-dev/ (../shared/data/qa, or .carry/qa.tar.xz unpacked): human-written questions for --real-qa-rate (FairytaleQA train split; SQuAD less its held-out articles).")] = None,
+    real_qa_rate: Annotated[float, typer.Option(min=0.0, max=1.0, help="Share of examples asking --qa-data's human-written questions, half FairytaleQA, half SQuAD (taken before --qa-rate applies to the rest).")] = 0.0,
     init_adapter: Annotated[Optional[Path], typer.Option(help="Start the LoRA and landmark row from this adapter directory (adapter_model.safetensors of the same rank).")] = None,
     lora_rank: Annotated[int, typer.Option(min=1, help="LoRA rank on all attention and MLP projections.")] = 16,
     attention_tile: Annotated[Optional[int], typer.Option(min=1, help="Query blocks per attention tile of the torch form (memory-efficient grouped softmax).")] = 4,
@@ -985,7 +987,18 @@ def train_command(
     from lmqa.train.data import ExampleSampler, held_out, load_stream, tokenize_corpus
     from lmqa.train.qa_data import QASampler, read_python_files
     from lmqa.train.book_qa_data import BookQA, split_documents, training_books
+    from lmqa.train.real_qa_data import RealQASampler, load_real_qa
 
+    if real_qa_rate and qa_data is None:
+        raise UserError("--real-qa-rate needs --qa-data DIR (the folder holding fairytaleqa/ and squad-dev/)")
+    if qa_data is not None and not real_qa_rate:
+        raise UserError("--qa-data is used only with --real-qa-rate (the share of examples drawn from it)")
+    fairytale = squad = None
+    if qa_data is not None:
+        try:
+            fairytale, squad = load_real_qa(qa_data)
+        except (OSError, ValueError, KeyError) as e:
+            raise UserError(f"--qa-data: {e}") from None
     base = model or "smollm2-135m"
     loaded = _load(base, "none", device, None, block_size)
     tok = loaded.tokenizer
@@ -1007,7 +1020,7 @@ def train_command(
                       batch_size=batch_size, grad_accum=grad_accum, lr=lr, synthetic_rate=synthetic_rate,
                       lora_rank=lora_rank, lora_alpha=2 * lora_rank, save_every=save_every, seed=seed,
                       attention_tile=attention_tile, attention_form=attention, max_minutes=max_minutes, qa_rate=qa_rate,
-                      book_qa_rate=book_qa_rate)
+                      book_qa_rate=book_qa_rate, real_qa_rate=real_qa_rate)
     if book_qa_rate and not qa_rate:
         raise UserError("--book-qa-rate is a share of the QA examples: give --qa-rate too")
     if attention not in ("auto", "fused", "tiled"):
@@ -1023,6 +1036,9 @@ def train_command(
         fh.write(json.dumps({"lmqa": __version__, "argv": sys.argv, "data": [str(p) for p in data], "model": base,
                              "tokens": len(stream), **asdict(cfg), "output": str(output),
                              "code": [str(d) for d in code or []], "code_files": len(code_files),
+                             "qa_data": str(qa_data) if qa_data else None,
+                             "qa_data_questions": {"fairytaleqa": len(fairytale.questions) if fairytale else 0,
+                                                   "squad": len(squad.questions) if squad else 0},
                              "init_adapter": str(init_adapter) if init_adapter else None}, default=str) + "\n")
     peft_model = add_lora(loaded.model, loaded.landmark.landmark_id, cfg.lora_rank, cfg.lora_alpha)
     if adapter_file:
@@ -1030,7 +1046,7 @@ def train_command(
             load_adapter_weights(peft_model, adapter_file)
         except ValueError as e:  # another rank, targets or base
             raise UserError(f"--init-adapter: {e}") from None
-    sampler = ExampleSampler(stream, tok, cfg.n_ordinary, cfg.synthetic_rate, seed)
+    sampler = plain = ExampleSampler(stream, tok, cfg.n_ordinary, cfg.synthetic_rate, seed)
     if cfg.qa_rate:
         prompts = {kind: QAPrompt(loaded, kind) for kind in KINDS}
         book_qa = None
@@ -1040,6 +1056,9 @@ def train_command(
                 raise UserError("--book-qa-rate: no book of 20,000 characters or more in the training data")
             book_qa = BookQA(books, lambda text: len(tok(text, add_special_tokens=False).input_ids))
         sampler = QASampler(sampler, prompts, cfg.qa_rate, code_files, book_qa=book_qa, book_rate=book_qa_rate)
+    if cfg.real_qa_rate:
+        sampler = RealQASampler(sampler, QAPrompt(loaded, "document"), cfg.real_qa_rate, fairytale, squad,
+                                book_slice=plain._slice)
     bar = Progress(TextColumn("training"), BarColumn(), MofNCompleteColumn(), TextColumn("loss {task.fields[loss]}"),
                    TimeRemainingColumn(), console=err)
     with bar:

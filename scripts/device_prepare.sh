@@ -2,7 +2,9 @@
 # Prepare .carry/ (git-ignored) for a lent GPU, which reaches no network and takes
 # 64 MiB a call: the default model's GGUF (98 MB) goes in two xz parts over two
 # calls made within 30 s of each other (the machine's /tmp and /root survive that
-# long), the wheels its image lacks, and the books the evals read.
+# long), the wheels its image lacks, the books the evals read, and the QA data
+# `lmqa train --qa-data` reads (there: mkdir -p qa && tar -C qa -xJf .carry/qa.tar.xz;
+# then --qa-data qa).
 #
 #   bash scripts/device_prepare.sh
 #   run(command="mkdir -p /root/stash && cp .carry/p1 /root/stash/p1", carry=[".carry/p1"])
@@ -21,4 +23,7 @@ python3 -m pip download --quiet --no-deps --only-binary=:all: --python-version 3
   --platform manylinux1_x86_64 -d .carry/wheels gguf platformdirs pypdf ebooklib prompt_toolkit wcwidth bm25s PyStemmer
 tar -C ../shared/books -cJf .carry/books.tar.xz eval train/alice-s-adventures-in-wonderland.txt \
   train/treasure-island.txt train/the-war-of-the-worlds.txt
+# human-written QA for `lmqa train --qa-data` (FairytaleQA's train split only: val/test judge the reader)
+tar -C ../shared/data/qa -cJf .carry/qa.tar.xz fairytaleqa/LICENSE fairytaleqa/qa_train.jsonl \
+  fairytaleqa/stories_train.jsonl squad-dev/LICENSE-CC-BY-SA-4.0.txt squad-dev/dev-v1.1.json squad-dev/dev-v2.0.json
 ls -la .carry

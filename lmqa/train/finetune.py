@@ -39,6 +39,7 @@ class TrainConfig:
     synthetic_rate: float = 0.5
     qa_rate: float = 0.0  # document/codebase QA examples (qa_data.py), drawn before synthetic_rate applies
     book_qa_rate: float = 0.0  # share of the QA examples made from the books' own sentences (book_qa_data.py)
+    real_qa_rate: float = 0.0  # human-written questions (real_qa_data.py), drawn before qa_rate applies
     lora_rank: int = 16
     lora_alpha: int = 32
     save_every: int = 100
