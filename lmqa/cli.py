@@ -960,8 +960,8 @@ def train_command(
     output: Annotated[Path, typer.Option("--output", "-o", help="Directory for checkpoints, the adapter, losses and the loss plot. Rerunning resumes.")],
     steps: Annotated[int, typer.Option(min=1, help="Optimizer steps.")] = 1000,
     context: Annotated[int, typer.Option(min=32, help="Training context in positions (landmarks included).")] = 1024,
-    batch_size: Annotated[int, typer.Option(min=1, help="Sequences per step and device.")] = 8,
-    grad_accum: Annotated[int, typer.Option(min=1, help="Gradient accumulation steps.")] = 1,
+    batch_size: Annotated[int, typer.Option(min=1, help="Sequences per micro-step and process. A step's global batch is batch size x processes x grad accum.")] = 8,
+    grad_accum: Annotated[int, typer.Option(min=1, help="Gradient accumulation steps (micro-steps per step).")] = 1,
     lr: Annotated[float, typer.Option(min=0.0, help="Peak learning rate (cosine schedule).")] = 5e-4,
     synthetic_rate: Annotated[float, typer.Option(min=0.0, max=1.0, help="Share of synthetic long-range retrieval examples.")] = 0.5,
     qa_rate: Annotated[float, typer.Option(min=0.0, max=1.0, help="Share of document/codebase QA examples in the ask prompt format (taken before --synthetic-rate applies to the rest).")] = 0.0,
@@ -979,11 +979,14 @@ def train_command(
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
     model: ModelOpt = None, device: DeviceOpt = "auto", block_size: BlockOpt = None,
 ):
-    """Fine-tune a LLaMA-family model with landmark tokens (LoRA + landmark embedding)."""
+    """Fine-tune a LLaMA-family model with landmark tokens (LoRA + landmark embedding).
+    On several GPUs: accelerate launch --num_processes N -m lmqa train ..."""
+    import torch
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     from lmqa.qa.session import KINDS, QAPrompt
-    from lmqa.train.finetune import TrainConfig, add_lora, export_adapter, load_adapter_weights, plot_losses, train
+    from lmqa.train.finetune import (ResumeError, TrainConfig, add_lora, export_adapter, load_adapter_weights,
+                                     plot_losses, process_state, train)
     from lmqa.train.data import ExampleSampler, held_out, load_stream, tokenize_corpus
     from lmqa.train.qa_data import QASampler, read_python_files
     from lmqa.train.book_qa_data import BookQA, split_documents, training_books
@@ -1000,6 +1003,7 @@ def train_command(
         except (OSError, ValueError, KeyError) as e:
             raise UserError(f"--qa-data: {e}") from None
     base = model or "smollm2-135m"
+    state = process_state()  # under accelerate launch: selects this process's GPU before the model loads
     loaded = _load(base, "none", device, None, block_size)
     tok = loaded.tokenizer
     if len(data) == 1 and data[0].suffix == ".safetensors":
@@ -1032,14 +1036,17 @@ def train_command(
     if adapter_file and not adapter_file.is_file():
         raise UserError(f"{init_adapter}: no adapter_model.safetensors there")
     output.mkdir(parents=True, exist_ok=True)
-    with open(output / "runs.jsonl", "a") as fh:  # every start or resume: what a model card must report
-        fh.write(json.dumps({"lmqa": __version__, "argv": sys.argv, "data": [str(p) for p in data], "model": base,
-                             "tokens": len(stream), **asdict(cfg), "output": str(output),
-                             "code": [str(d) for d in code or []], "code_files": len(code_files),
-                             "qa_data": str(qa_data) if qa_data else None,
-                             "qa_data_questions": {"fairytaleqa": len(fairytale.questions) if fairytale else 0,
-                                                   "squad": len(squad.questions) if squad else 0},
-                             "init_adapter": str(init_adapter) if init_adapter else None}, default=str) + "\n")
+    if state.is_main_process:  # every start or resume: what a model card must report
+        with open(output / "runs.jsonl", "a") as fh:
+            fh.write(json.dumps({"lmqa": __version__, "argv": sys.argv, "data": [str(p) for p in data], "model": base,
+                                 "tokens": len(stream), **asdict(cfg), "num_processes": state.num_processes,
+                                 "output": str(output),
+                                 "code": [str(d) for d in code or []], "code_files": len(code_files),
+                                 "qa_data": str(qa_data) if qa_data else None,
+                                 "qa_data_questions": {"fairytaleqa": len(fairytale.questions) if fairytale else 0,
+                                                       "squad": len(squad.questions) if squad else 0},
+                                 "init_adapter": str(init_adapter) if init_adapter else None}, default=str) + "\n")
+    torch.manual_seed(seed)  # the LoRA's initial weights too are a function of --seed
     peft_model = add_lora(loaded.model, loaded.landmark.landmark_id, cfg.lora_rank, cfg.lora_alpha)
     if adapter_file:
         try:
@@ -1060,11 +1067,17 @@ def train_command(
         sampler = RealQASampler(sampler, QAPrompt(loaded, "document"), cfg.real_qa_rate, fairytale, squad,
                                 book_slice=plain._slice)
     bar = Progress(TextColumn("training"), BarColumn(), MofNCompleteColumn(), TextColumn("loss {task.fields[loss]}"),
-                   TimeRemainingColumn(), console=err)
+                   TimeRemainingColumn(), console=err, disable=not state.is_main_process)
     with bar:
         task = bar.add_task("train", total=steps, loss="-")
-        losses = train(peft_model, sampler, loaded.landmark.landmark_id, cfg, log=err.print,
-                       progress=lambda step, loss: bar.update(task, completed=step, loss=f"{loss:.3f}"))
+        try:
+            losses = train(peft_model, sampler, loaded.landmark.landmark_id, cfg,
+                           log=err.print if state.is_main_process else lambda m: None,
+                           progress=lambda step, loss: bar.update(task, completed=step, loss=f"{loss:.3f}"))
+        except ResumeError as e:
+            raise UserError(str(e)) from None
+    if not state.is_main_process:  # the main process alone writes the adapter, plot and losses
+        return
     files = export_adapter(peft_model, output / "adapter",
                            {"base": str(Path(base).resolve()) if Path(base).is_dir() else base,  # any cwd
                             "block_size": cfg.block_size, "top_k": loaded.landmark.top_k, "train_context": context})

@@ -2,9 +2,11 @@
 with the grouped softmax in every layer, next-token loss, LoRA through peft on
 all projections plus the landmark embedding row.
 
-Runs on CPU or one GPU as is, and on several GPUs under `accelerate launch`.
-Checkpoints (adapter, optimizer, step, sampler state) are safetensors + JSON
-and a rerun with the same output directory resumes from the latest one.
+Runs on CPU or one GPU as is, and on several GPUs under `accelerate launch`
+(each process draws other examples: batches.py). Checkpoints (adapter,
+optimizer, step, number of processes) are safetensors + JSON, written by the
+main process, and a rerun with the same output directory resumes from the
+latest one.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from .attention_interface import use_landmark_attention
-from .data import landmark_batch
+from .batches import Prefetcher, draw_batch, draw_numbers
 
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -95,12 +97,25 @@ def load_adapter_weights(model, path: Path) -> None:
     set_peft_model_state_dict(model, saved)
 
 
+class ResumeError(ValueError):
+    """A checkpoint this run cannot continue."""
+
+
+def process_state():
+    """accelerate's view of this process (index, count, device). The first
+    creation in a process fixes its settings, so the CLI (which needs to know
+    the main process before training) and train() create it alike."""
+    from accelerate import PartialState
+
+    return PartialState(cpu=not torch.cuda.is_available())
+
+
 # ----- checkpoints -----
 def _trainable(model) -> dict[str, torch.nn.Parameter]:
     return {n: p for n, p in model.named_parameters() if p.requires_grad}
 
 
-def save_checkpoint(model, optimizer, step: int, sampler, cfg: TrainConfig, losses: list) -> None:
+def save_checkpoint(model, optimizer, step: int, cfg: TrainConfig, losses: list, num_processes: int = 1) -> None:
     ckpt = cfg.output / "checkpoint"
     tmp = cfg.output / "checkpoint.tmp"
     tmp.mkdir(parents=True, exist_ok=True)
@@ -111,7 +126,7 @@ def save_checkpoint(model, optimizer, step: int, sampler, cfg: TrainConfig, loss
             if torch.is_tensor(value):
                 tensors[f"opt/{n}/{key}"] = value.detach().float().cpu().reshape(value.shape).contiguous()
     save_file(tensors, tmp / "state.safetensors")
-    (tmp / "meta.json").write_text(json.dumps({"step": step, "rng": sampler.rng.getstate()[1][:625],
+    (tmp / "meta.json").write_text(json.dumps({"step": step, "num_processes": num_processes,
                                                "config": {k: str(v) for k, v in asdict(cfg).items()}}))
     (tmp / "losses.json").write_text(json.dumps(losses))
     if ckpt.exists():
@@ -121,11 +136,18 @@ def save_checkpoint(model, optimizer, step: int, sampler, cfg: TrainConfig, loss
     tmp.rename(ckpt)
 
 
-def load_checkpoint(model, optimizer, sampler, cfg: TrainConfig) -> tuple[int, list]:
+def load_checkpoint(model, optimizer, cfg: TrainConfig, num_processes: int = 1) -> tuple[int, list]:
+    """(step, losses) of the checkpoint in cfg.output, its weights and AdamW
+    state loaded; (0, []) if there is none. Checkpoints from before per-step
+    seeding also hold the sampler's rng state, which is no longer needed."""
     ckpt = cfg.output / "checkpoint"
     if not (ckpt / "meta.json").is_file():
         return 0, []
     meta = json.loads((ckpt / "meta.json").read_text())
+    saved_by = meta.get("num_processes", 1)
+    if saved_by != num_processes:  # the batches each process draws depend on the count
+        raise ResumeError(f"{ckpt} was written by a run of {saved_by} process(es), this one has {num_processes}: "
+                          f"resume with `accelerate launch --num_processes {saved_by}`, or train into another --output")
     tensors = load_file(ckpt / "state.safetensors")
     params = _trainable(model)
     with torch.no_grad():
@@ -135,7 +157,6 @@ def load_checkpoint(model, optimizer, sampler, cfg: TrainConfig) -> tuple[int, l
             if state:
                 state["step"] = state["step"].cpu() if "step" in state else torch.tensor(float(meta["step"]))
                 optimizer.state[p] = state
-    sampler.rng.setstate((3, tuple(meta["rng"]), None))
     return int(meta["step"]), json.loads((ckpt / "losses.json").read_text())
 
 
@@ -154,7 +175,10 @@ def export_adapter(model, out_dir: Path, landmark_meta: dict) -> list[Path]:
 def train(model, sampler, landmark_id: int, cfg: TrainConfig, log=print, progress=None) -> list[float]:
     """Train `model` (a peft model, or a plain model for full training) in place on
     sequences of cfg.n_ordinary tokens drawn from `sampler` (an ExampleSampler or
-    anything with .sample() -> Example and a random.Random at .rng)."""
+    anything with .sample() -> Example and a random.Random at .rng). Under
+    `accelerate launch` every process trains on its own examples and the
+    gradients are averaged: a step's global batch is batch_size x processes x
+    grad_accum sequences. Returns the losses, each the mean over all processes."""
     from accelerate import Accelerator
 
     cfg.output.mkdir(parents=True, exist_ok=True)
@@ -163,44 +187,71 @@ def train(model, sampler, landmark_id: int, cfg: TrainConfig, log=print, progres
                               cpu=not use_cuda)
     torch.manual_seed(cfg.seed + accelerator.process_index)
     use_landmark_attention(model, cfg.block_size, tile=cfg.attention_tile, form=cfg.attention_form)
-    sampler.rng.seed(cfg.seed + accelerator.process_index)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
-    start, losses = load_checkpoint(model, optimizer, sampler, cfg)
+    start, losses = load_checkpoint(model, optimizer, cfg, accelerator.num_processes)
     if start:
         log(f"resuming from step {start}")
     model, optimizer = accelerator.prepare(model, optimizer)
     model.train()
     began = time.monotonic()
-    step = start
-    for step in range(start, cfg.steps):
-        for group in optimizer.param_groups:
-            group["lr"] = lr_at(step, cfg)
-        total = 0.0
-        for _ in range(cfg.grad_accum):
-            with accelerator.accumulate(model):
-                inputs, labels = landmark_batch([sampler.sample() for _ in range(cfg.batch_size)], cfg.block_size,
-                                                landmark_id)
-                logits = model(input_ids=inputs.to(accelerator.device)).logits
-                loss = sequence_loss(logits, labels.to(accelerator.device))
-                accelerator.backward(loss)
-                if accelerator.sync_gradients:
-                    accelerator.clip_grad_norm_(params, 1.0)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                total += loss.item() / cfg.grad_accum
-        losses.append(total)
-        if progress is not None:
-            progress(step + 1, total)
-        done = step + 1
-        out_of_time = cfg.max_minutes is not None and time.monotonic() - began > cfg.max_minutes * 60
-        if accelerator.is_main_process and (done % cfg.save_every == 0 or done == cfg.steps or out_of_time):
-            save_checkpoint(accelerator.unwrap_model(model), optimizer, done, sampler, cfg, losses)
-        if out_of_time:
-            log(f"stopping at step {done}: --max-minutes reached (rerun to resume)")
-            break
+    draws = draw_numbers(start, cfg.steps, cfg.grad_accum, accelerator.process_index, accelerator.num_processes)
+    make = lambda key: draw_batch(sampler, cfg.seed, *key, cfg.batch_size, cfg.block_size, landmark_id)
+    with Prefetcher(make, draws) as batches:
+        for step in range(start, cfg.steps):
+            loss = _step(model, optimizer, params, accelerator, batches, lr_at(step, cfg), cfg.grad_accum)
+            out_of_time = cfg.max_minutes is not None and time.monotonic() - began > cfg.max_minutes * 60
+            loss, out_of_time = _agree(accelerator, loss, out_of_time)
+            losses.append(loss)
+            if progress is not None:
+                progress(step + 1, loss)
+            done = step + 1
+            if done % cfg.save_every == 0 or done == cfg.steps or out_of_time:
+                _checkpoint(accelerator, model, optimizer, done, cfg, losses)
+            if out_of_time:
+                log(f"stopping at step {done}: --max-minutes reached (rerun to resume)")
+                break
     model.eval()
     return losses
+
+
+def _step(model, optimizer, params, accelerator, batches, lr: float, grad_accum: int) -> torch.Tensor:
+    """One optimizer step over grad_accum micro-batches from `batches`. Returns
+    this process's mean loss as a tensor, so the step waits for the device
+    only once, when the losses are averaged across processes."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    total = torch.zeros((), device=accelerator.device)
+    for _ in range(grad_accum):
+        inputs, labels = next(batches)
+        with accelerator.accumulate(model):
+            logits = model(input_ids=inputs.to(accelerator.device)).logits
+            loss = sequence_loss(logits, labels.to(accelerator.device))
+            accelerator.backward(loss)
+            if accelerator.sync_gradients:
+                accelerator.clip_grad_norm_(params, 1.0)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        total += loss.detach() / grad_accum
+    return total
+
+
+def _agree(accelerator, loss: torch.Tensor, stop: bool) -> tuple[float, bool]:
+    """The loss averaged over processes, and whether any process wants to stop,
+    in one all-reduce: every process logs the same loss, and all stop at the
+    same step (one stopping alone would leave the others waiting in the next
+    step's gradient all-reduce)."""
+    both = accelerator.reduce(torch.stack([loss.float(), torch.tensor(float(stop), device=loss.device)]), "mean")
+    return both[0].item(), both[1].item() > 0
+
+
+def _checkpoint(accelerator, model, optimizer, step: int, cfg: TrainConfig, losses: list) -> None:
+    """The main process writes the checkpoint (the weights are the same in all
+    after the step); the others wait at a barrier meanwhile, rather than in
+    the next step's all-reduce, so a slow write is a visible wait here."""
+    if accelerator.is_main_process:
+        save_checkpoint(accelerator.unwrap_model(model), optimizer, step, cfg, losses, accelerator.num_processes)
+    accelerator.wait_for_everyone()
 
 
 def plot_losses(losses: list[float], path: Path, title: str) -> None:
