@@ -40,7 +40,7 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from rich.table import Table
@@ -120,7 +120,27 @@ def ask_path(sampling: SamplingConfig) -> Answerer:
     return answer
 
 
-ANSWER_PATHS: dict[str, Callable[[SamplingConfig], Answerer]] = {"ask": ask_path}
+def one_pass_path(quote: bool) -> Callable[[SamplingConfig], Answerer]:
+    """One read of the question and a greedy answer (no candidate search):
+    held to the document's text with quote=True, in the model's words without."""
+    def make(sampling: SamplingConfig) -> Answerer:
+        one = replace(sampling, candidates=1, temperature=0.0)
+
+        def answer(session: DocumentSession, question: str) -> tuple[str, bool]:
+            was, session.quote = session.quote, quote
+            try:
+                text = session.ask(question, one).text
+            finally:
+                session.quote = was
+            return text, text == REFUSAL
+
+        return answer
+
+    return make
+
+
+ANSWER_PATHS: dict[str, Callable[[SamplingConfig], Answerer]] = {
+    "ask": ask_path, "greedy": one_pass_path(quote=True), "free": one_pass_path(quote=False)}
 
 
 def answer_paths(names: list[str], sampling: SamplingConfig) -> dict[str, Answerer]:

@@ -78,7 +78,7 @@ if triton is not None:
         (a few seconds); the interpreter takes the first configuration."""
         if os.environ.get("TRITON_INTERPRET") == "1":
             return triton.jit(kernel)
-        configs = [triton.Config({}, num_warps=w, num_stages=n) for w in (4, 8) for n in (1, 2, 3)]
+        configs = [triton.Config({}, num_warps=w, num_stages=n) for w in (4, 8) for n in (2, 3)]
         return triton.autotune(configs, key=["S", "D"])(triton.jit(kernel))
 
     @_tuned

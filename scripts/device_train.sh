@@ -1,0 +1,36 @@
+#!/bin/bash
+# One part of a training run on a lent GPU, after scripts/device_prepare.sh here and a first
+# call that stashed part 1 of the GGUF and the QA data:
+#   run(command="mkdir -p /root/stash && cp .carry/p1 .carry/qa.tar.xz /root/stash/", carry=[".carry/p1", ".carry/qa.tar.xz"])
+#   run(command="STEPS=800 MINUTES=6.5 bash scripts/device_train.sh", carry=[".carry/p2", ".carry/wheels", ".carry/train-books.tar.xz", "runs/init"])
+# INIT: the adapter directory to start from (default: the shipped one; a previous part's
+# adapter travels in runs/init). Writes $OUT/adapter.tar (adapter, runs.jsonl, losses, plot)
+# and $OUT/train.log. Set TRAIN_ARGS to change the mix.
+export PYTHONUNBUFFERED=1 LMQA_CACHE=/root/lmqa-cache HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+T0=$SECONDS
+log() { echo "[$((SECONDS - T0)) s] $*"; }
+unxz() { python3 -c "import lzma,shutil,sys; shutil.copyfileobj(lzma.open(sys.stdin.buffer), sys.stdout.buffer, 1 << 20)"; }
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+python3 -m pip install -q --upgrade --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .carry/wheels/*.whl || exit 3
+export PYTHONPATH=$PWD:/tmp/site
+[ -f /root/stash/p1 ] || { echo "no stash"; exit 2; }
+mkdir -p $LMQA_CACHE/gguf /tmp/books /tmp/qa /tmp/data
+cat /root/stash/p1 .carry/p2 | unxz > $LMQA_CACHE/gguf/SmolLM2-135M-Instruct.Q4_1.gguf || exit 4
+python3 -c "import tarfile; tarfile.open('/root/stash/qa.tar.xz').extractall('/tmp/qa'); tarfile.open('.carry/train-books.tar.xz').extractall('/tmp/books')" || exit 5
+log unpacked
+python3 -m pytest -q -p no:cacheprovider tests/test_fused_attention.py 2>&1 | tail -3
+log tested
+python3 -m lmqa train /tmp/books/train -o /tmp/tok --tokenize-only /tmp/data/train_tokens.safetensors 2>&1 | tail -1
+STDLIB=$(python3 -c "import sysconfig; print(sysconfig.get_paths()['stdlib'])")
+INIT=${INIT:-models/smollm2-135m-landmark}
+[ -f runs/init/adapter_model.safetensors ] && INIT=runs/init
+log "training from $INIT"
+python3 -m lmqa train /tmp/data/train_tokens.safetensors --code "$STDLIB" --qa-data /tmp/qa -o /tmp/run \
+  --init-adapter "$INIT" --context 2048 --batch-size 16 --lr ${LR:-3e-4} --steps ${STEPS:-800} \
+  --max-minutes ${MINUTES:-6.5} --save-every 100 --seed ${SEED:-3} \
+  ${TRAIN_ARGS:---real-qa-rate 0.5 --qa-rate 0.5 --synthetic-rate 0.5} > $OUT/train.log 2>&1
+log "trained (rc $?)"
+tail -5 $OUT/train.log
+cp /tmp/run/runs.jsonl /tmp/run/losses.json /tmp/run/loss.png /tmp/run/adapter/ 2>/dev/null
+tar -C /tmp/run -cf $OUT/adapter.tar adapter
+ls -la $OUT
