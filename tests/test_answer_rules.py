@@ -145,14 +145,14 @@ def test_line_breaks_and_a_first_capital_do_not_break_a_quote_but_other_capitals
 LANDMARK = 1
 
 
-def tiny_engine(seed: int = 0) -> LandmarkEngine:
+def tiny_engine(seed: int = 0, top_k: int = 2) -> LandmarkEngine:
     model = make_tiny_llama(vocab=64, seed=seed)
-    cfg = LandmarkConfig(landmark_id=LANDMARK, block_size=5, top_k=2, train_context=256)
+    cfg = LandmarkConfig(landmark_id=LANDMARK, block_size=5, top_k=top_k, train_context=256)
     return LandmarkEngine(model, cfg, offload="cpu", prefill="serial")
 
 
-def refusal_logprob_by_feeding(prompt: list[int], refusal: list[int], stops: list[int]) -> float:
-    engine = tiny_engine()
+def refusal_logprob_by_feeding(prompt: list[int], refusal: list[int], stops: list[int], top_k: int) -> float:
+    engine = tiny_engine(top_k=top_k)
     total, logits = 0.0, engine.feed(prompt)
     for t in refusal:
         total += float(torch.log_softmax(logits.float(), -1)[t])
@@ -162,13 +162,17 @@ def refusal_logprob_by_feeding(prompt: list[int], refusal: list[int], stops: lis
 
 @pytest.mark.parametrize("margin,refuses", [(-math.inf, True), (math.inf, False)])
 def test_the_margin_forces_or_forbids_the_refusal_and_leaves_the_engine_as_it_was(margin, refuses):
+    """The refusal is read in one feed, its tokens sharing one retrieval; with
+    every block retrievable (top_k past the block count) that is exactly
+    token-by-token reading, which checks the arithmetic."""
     rng = random.Random(0)
     prompt = [rng.randrange(2, 64) for _ in range(23)]
     refusal, stops = [7, 9, 11, 13], {3}
-    engine = tiny_engine()
+    engine = tiny_engine(top_k=16)
     rule = AbstentionPrior(engine, refusal, stops, margin)
     out = generate(engine, prompt, SamplingConfig(max_new_tokens=8), stops, processors=(rule,))
-    assert rule.scores[0] == pytest.approx(refusal_logprob_by_feeding(prompt, refusal, sorted(stops)), abs=1e-4)
+    by_feeding = refusal_logprob_by_feeding(prompt, refusal, sorted(stops), top_k=16)
+    assert rule.scores[0] == pytest.approx(by_feeding, abs=1e-4)
     if refuses:
         assert out == refusal
     else:

@@ -16,8 +16,8 @@ training books, never on evaluation needles; at 0 the model refuses
 whenever the refusal is the likelier answer, and models without the setting
 decode as they always did.
 
-Scoring the refusal needs its log-probability: a few look-ahead token steps
-on the engine, rolled back before the answer is generated.
+Scoring the refusal needs its log-probability: one look-ahead feed of its
+tokens on the engine, rolled back before the answer is generated.
 """
 
 from __future__ import annotations
@@ -78,21 +78,17 @@ class AbstentionPrior:
 
     def _refusal_logprob(self, logp: torch.Tensor) -> tuple[float, float]:
         """(log p of the whole refusal and a stop after it, log p of its
-        second token after its first) by look-ahead on the engine."""
+        second token after its first), from one look-ahead feed of the
+        refusal's tokens (every position's logits), rolled back after."""
         mark = self.engine.snapshot()
-        total, onward = float(logp[self.refusal[0]]), 0.0
         try:
-            for i, token in enumerate(self.refusal):
-                step = torch.log_softmax(self.engine.feed([token]).float().cpu(), -1)
-                if i + 1 < len(self.refusal):
-                    total += float(step[self.refusal[i + 1]])
-                    if i == 0:
-                        onward = float(step[self.refusal[1]])
-                else:
-                    total += float(torch.logsumexp(step[sorted(self.stop_ids)], 0))
+            steps = torch.log_softmax(self.engine.feed(self.refusal, every=True).float().cpu(), -1)  # [len, vocab]
         finally:
             self.engine.rollback(mark)
-        return total, onward
+        following = torch.tensor(self.refusal[1:])
+        inner = steps[:-1].gather(1, following[:, None])[:, 0]  # log p of each next refusal token  # [len - 1]
+        end = float(torch.logsumexp(steps[-1, sorted(self.stop_ids)], 0))
+        return float(logp[self.refusal[0]]) + float(inner.sum()) + end, float(inner[0])
 
 
 def choose_margin(records: list[dict], answerable: float, grid: tuple[float, ...] = tuple(x / 2 for x in range(17))
