@@ -12,13 +12,17 @@ log() { echo "[$((SECONDS - T0)) s] $*"; }
 unxz() { python3 -c "import lzma,shutil,sys; shutil.copyfileobj(lzma.open(sys.stdin.buffer), sys.stdout.buffer, 1 << 20)"; }
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -m pip install -q --upgrade --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .carry/wheels/*.whl || exit 3
-export PYTHONPATH=$PWD:/tmp/site
+# runs/src (git-ignored), if present, is a clean `git archive` of the commit to run, so edits in
+# progress in the working tree cannot break a call: git archive HEAD lmqa prompts tests/conftest.py
+# tests/test_fused_attention.py | tar -x -C runs/src
+SRC=$PWD; [ -d runs/src/lmqa ] && SRC=$PWD/runs/src
+export PYTHONPATH=$SRC:/tmp/site LMQA_MODELS=$PWD/models
 [ -f /root/stash/p1 ] || { echo "no stash"; exit 2; }
 mkdir -p $LMQA_CACHE/gguf /tmp/books /tmp/qa /tmp/data
 cat /root/stash/p1 .carry/p2 | unxz > $LMQA_CACHE/gguf/SmolLM2-135M-Instruct.Q4_1.gguf || exit 4
 python3 -c "import tarfile; tarfile.open('/root/stash/qa.tar.xz').extractall('/tmp/qa'); tarfile.open('.carry/train-books.tar.xz').extractall('/tmp/books')" || exit 5
 log unpacked
-python3 -m pytest -q -p no:cacheprovider tests/test_fused_attention.py 2>&1 | tail -3
+(cd $SRC && python3 -m pytest -q -p no:cacheprovider tests/test_fused_attention.py 2>&1 | tail -3)
 log tested
 python3 -m lmqa train /tmp/books/train -o /tmp/tok --tokenize-only /tmp/data/train_tokens.safetensors 2>&1 | tail -1
 STDLIB=$(python3 -c "import sysconfig; print(sysconfig.get_paths()['stdlib'])")
