@@ -22,12 +22,14 @@ mkdir -p $LMQA_CACHE/gguf /tmp/books /tmp/qa /tmp/data
 cat /root/stash/p1 .carry/p2 | unxz > $LMQA_CACHE/gguf/SmolLM2-135M-Instruct.Q4_1.gguf || exit 4
 python3 -c "import tarfile; tarfile.open('/root/stash/qa.tar.xz').extractall('/tmp/qa'); tarfile.open('.carry/train-books.tar.xz').extractall('/tmp/books')" || exit 5
 log unpacked
-(cd $SRC && python3 -m pytest -q -p no:cacheprovider tests/test_fused_attention.py 2>&1 | tail -3)
+ROOT=$PWD
+cd $SRC  # python -m puts the working directory first on sys.path
+python3 -m pytest -q -p no:cacheprovider tests/test_fused_attention.py 2>&1 | tail -3
 log tested
 python3 -m lmqa train /tmp/books/train -o /tmp/tok --tokenize-only /tmp/data/train_tokens.safetensors 2>&1 | tail -1
 STDLIB=$(python3 -c "import sysconfig; print(sysconfig.get_paths()['stdlib'])")
-INIT=${INIT:-models/smollm2-135m-landmark}
-[ -f runs/init/adapter_model.safetensors ] && INIT=runs/init
+INIT=${INIT:-$ROOT/models/smollm2-135m-landmark}
+[ -f $ROOT/runs/init/adapter_model.safetensors ] && INIT=$ROOT/runs/init
 log "training from $INIT"
 python3 -m lmqa train /tmp/data/train_tokens.safetensors --code "$STDLIB" --qa-data /tmp/qa -o /tmp/run \
   --init-adapter "$INIT" --context 2048 --batch-size 16 --lr ${LR:-3e-4} --steps ${STEPS:-800} \
