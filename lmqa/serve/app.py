@@ -1,10 +1,10 @@
 """The HTTP app over sessions loaded once: OpenAI's GET /v1/models and POST
-/v1/chat/completions (plain and streamed as server-sent events), and GET
-/health. `model` names the context; the last user message is the question,
-answered by the same DocumentSession.ask and described by the same result()
-as `lmqa ask --json`, so an answer here equals the command's with the same
-options. Every refusal is an OpenAI-style JSON error and leaves the server
-serving."""
+/v1/chat/completions (plain and streamed as server-sent events), GET /health,
+and the reader's page at `/` with the JSON it reads (web.py). `model` names
+the context; the last user message is the question, answered by the same
+DocumentSession.ask and described by the same result() as `lmqa ask --json`,
+so an answer here equals the command's with the same options. Every refusal
+is an OpenAI-style JSON error and leaves the server serving."""
 
 from __future__ import annotations
 
@@ -26,6 +26,7 @@ from lmqa.qa.questions import question_problem
 from lmqa.qa.session import DocumentSession
 from lmqa.qa.trace_export import result
 from .protocol import ApiError, ChatRequest, Completion, usage
+from .web import AnswerStore, add_web_routes, answer_details
 from .worker import AnswerQueue, Job, QueueFull
 
 
@@ -81,7 +82,9 @@ def _answer(session: DocumentSession, question: str, sampling: SamplingConfig, j
             on_token(t)
 
     answer = session.ask(question, sampling, on_token=token)
-    return result(session, answer, 0)
+    out = result(session, answer, 0)
+    out["web"] = answer_details(session, answer, out["evidence"])  # kept by id for /v1/answers (web.py)
+    return out
 
 
 def _sse(data: dict[str, Any]) -> str:
@@ -92,6 +95,7 @@ def build_app(contexts: Mapping[str, DocumentSession], options: ServeOptions,
               log: Callable[[str], None] | None = None) -> FastAPI:
     """The app; log (if given) gets one line of timings per answer."""
     queue = AnswerQueue(options.max_queue)
+    answers = AnswerStore()
     started = int(time.time())
 
     @asynccontextmanager
@@ -192,6 +196,7 @@ def build_app(contexts: Mapping[str, DocumentSession], options: ServeOptions,
             job.cancel.set()
             raise
         reason, extra = finish(req.model, sampling, job, out)
+        answers.keep(completion.id, req.model, out)
         t = out["timings"]
         return completion.response(out["answer"], reason, usage(t["question_tokens"], t["answer_tokens"]), extra)
 
@@ -223,6 +228,7 @@ def build_app(contexts: Mapping[str, DocumentSession], options: ServeOptions,
                     yield _sse(ApiError(500, f"the answer failed: {e}", "server_error", "server_error").body())
                     return
                 reason, extra = finish(completion.model, sampling, job, out)
+                answers.keep(completion.id, completion.model, out)
                 t = out["timings"]
                 yield _sse(completion.chunk({}, reason, usage=usage(t["question_tokens"], t["answer_tokens"]), **extra))
                 yield "data: [DONE]\n\n"
@@ -231,4 +237,5 @@ def build_app(contexts: Mapping[str, DocumentSession], options: ServeOptions,
 
         return events()
 
+    add_web_routes(app, contexts, answers, authorize)
     return app
