@@ -27,16 +27,17 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import Stemmer
 
-from .symbols import Definition, SymbolIndex, index_document
+from lmqa.ingest.codebase import index_document
+from .symbols import Definition, SymbolIndex
 
 if TYPE_CHECKING:
+    from lmqa.engine.landmark_engine import LandmarkEngine
     from lmqa.ingest import Document
-    from lmqa.qa.evidence import Passage
-    from lmqa.qa.session import DocumentSession
+    from lmqa.model.loading import LoadedModel
 
 CANDIDATES = 10  # definitions BM25 ranks, after those the question names
 CALLERS = 12  # callers an answer lists at most
@@ -49,6 +50,16 @@ _WORD = re.compile(r"[A-Za-z][a-z]*|[A-Z]+(?![a-z])|\d+")
 _STEMMER = Stemmer.Stemmer("english")
 _STOP = frozenset("a an and are as at be by defined do does file for from function how in is it its of on or the "
                   "to what where which who with class method module constant value set".split())
+
+
+class AskingSession(Protocol):
+    """What answer_code uses of the session asking (qa/session.py's
+    DocumentSession), written out here because the session imports this
+    module: the document, the model's tokenizer and the engine it feeds."""
+
+    document: Document
+    loaded: LoadedModel
+    engine: LandmarkEngine
 
 
 @dataclass(frozen=True)
@@ -212,7 +223,7 @@ def search_of(document: Document) -> DefinitionSearch:
 _SEARCH: dict[int, tuple[SymbolIndex, DefinitionSearch]] = {}
 
 
-def answer_code(session: DocumentSession, question: str, on_token: Callable[[int], None] | None = None) -> list[int]:
+def answer_code(session: AskingSession, question: str, on_token: Callable[[int], None] | None = None) -> list[int]:
     """generate()'s contract for a codebase question already fed: the
     answer's tokens, streamed to on_token and then read in one feed (the
     evidence recorder sees each token)."""

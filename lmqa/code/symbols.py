@@ -15,11 +15,7 @@ import ast
 import re
 from collections.abc import Iterable, Iterator
 from dataclasses import astuple, dataclass
-from pathlib import Path
-from typing import TYPE_CHECKING, Any
-
-if TYPE_CHECKING:
-    from lmqa.ingest import Document
+from typing import Any
 
 KINDS = ("module", "class", "function", "method", "constant")
 SIGNATURE_CHARS = 160  # longer signatures and constant values are cut (with "…")
@@ -80,14 +76,6 @@ class SymbolIndex:
     def summary(self) -> str:
         """"1,204 definitions in 372 files", for the ingest line."""
         return f"{len(self.definitions):,} definitions in {self.files:,} source files"
-
-
-def index_document(document: Document) -> SymbolIndex:
-    """The index of a codebase read as one document (ingest/codebase.py):
-    its Python modules are named under the directory's own name when the
-    directory is a package (has an __init__.py at its top)."""
-    package = Path(document.source).resolve().name if any(s.title == "__init__.py" for s in document.segments) else None
-    return build_index(((s.title, document.text[s.char_start : s.char_end]) for s in document.segments), package)
 
 
 def build_index(files: Iterable[tuple[str, str]], package: str | None = None) -> SymbolIndex:

@@ -180,7 +180,7 @@ def open_book(path: Path, loaded: LoadedModel, engine: LandmarkEngine, cache: Pa
     target = context_path(cache, path.name, loaded)
     if target.is_file():
         try:
-            return load(target, loaded, "cpu"), 0.0
+            return load(target, loaded), 0.0
         except ContextError:
             pass  # another model or settings, or damaged: read the book again
     try:
@@ -193,7 +193,7 @@ def open_book(path: Path, loaded: LoadedModel, engine: LandmarkEngine, cache: Pa
     start = time.perf_counter()
     with display:
         ingest_file(session, target, resume=True, progress=advance)
-    return load(target, loaded, "cpu"), time.perf_counter() - start
+    return load(target, loaded), time.perf_counter() - start
 
 
 def run_book(path: Path, questions: list[BookQuestion], loaded: LoadedModel, engine: LandmarkEngine, cache: Path,

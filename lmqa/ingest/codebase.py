@@ -16,7 +16,7 @@ from pathlib import Path
 
 from pathspec import GitIgnoreSpec
 
-from lmqa.code.symbols import index_document
+from lmqa.code.symbols import SymbolIndex, build_index
 
 from .decoding import decode, looks_binary
 from .document import Document, DocumentBuilder, IngestError, SkipReport
@@ -45,6 +45,15 @@ def read_directory(path: Path, include: Sequence[str] = (), exclude: Sequence[st
     document = builder.build()
     document.symbols = index_document(document)
     return document
+
+
+def index_document(document: Document) -> SymbolIndex:
+    """The symbol index of a codebase read as one document: its Python
+    modules are named under the directory's own name when the directory is
+    a package (has an __init__.py at its top). Here, not in code/symbols.py,
+    which knows files and text but not documents."""
+    package = Path(document.source).resolve().name if any(s.title == "__init__.py" for s in document.segments) else None
+    return build_index(((s.title, document.text[s.char_start : s.char_end]) for s in document.segments), package)
 
 
 @dataclass

@@ -143,14 +143,29 @@ def cached_base(manifest: Manifest, log=print) -> Path:
     return convert_gguf(fetch_base(manifest, log), out, log)
 
 
+def recovered_dir(manifest: Manifest) -> Path:
+    """Where weight_diff.recover writes a weight-diff model's weights."""
+    return CACHE_DIR / "recovered" / f"{manifest.name}-{manifest.diff.revision[:12]}"
+
+
+def recovered(manifest: Manifest) -> Path | None:
+    """The recovered model if its cache is complete (stamp present, every file
+    its recorded size; `lmqa models pull` re-checks the full sha256)."""
+    out = recovered_dir(manifest)
+    try:
+        files = json.loads((out / STAMP).read_text())["files"]
+        ok = all((out / name).stat().st_size == meta["size"] for name, meta in files.items())
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return out if ok else None
+
+
 def manifest_weights(manifest: Manifest, log=print) -> Path:
     """The weights directory of a manifest: its converted GGUF base, or its
-    recovered weight-diff model (which only `lmqa models pull` makes: it needs
-    the user's own base weights)."""
+    recovered weight-diff model (which only `lmqa models pull` makes, with
+    weight_diff.py: it needs the user's own base weights)."""
     if manifest.diff is None:
         return cached_base(manifest, log)
-    from .weight_diff import recovered
-
     out = recovered(manifest)
     if out is None:
         raise ModelError(f"{manifest.name} is not recovered yet: run `lmqa models pull {manifest.name} --base DIR` "

@@ -30,7 +30,6 @@ STRUCTURE = ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key
 COPIED = ("generation_config.json", "tokenizer.json", "tokenizer.model", "tokenizer_config.json",
           "special_tokens_map.json", "added_tokens.json")
 INDEX = "model.safetensors.index.json"
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 class Checkpoint:
@@ -95,25 +94,9 @@ class Checkpoint:
         return self._open[1][name]
 
 
-def recovered_dir(manifest: Manifest) -> Path:
-    return loading.CACHE_DIR / "recovered" / f"{manifest.name}-{manifest.diff.revision[:12]}"
-
-
-def recovered(manifest: Manifest) -> Path | None:
-    """The recovered model if its cache is complete (stamp present, every file
-    its recorded size; `lmqa models pull` re-checks the full sha256)."""
-    out = recovered_dir(manifest)
-    try:
-        files = json.loads((out / loading.STAMP).read_text())["files"]
-        ok = all((out / name).stat().st_size == meta["size"] for name, meta in files.items())
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-    return out if ok else None
-
-
 def verify_recovered(manifest: Manifest) -> bool:
     """Full check of a recovered cache against the sha256 recorded when it was written."""
-    out = recovered(manifest)
+    out = loading.recovered(manifest)
     if out is None:
         return False
     files = json.loads((out / loading.STAMP).read_text())["files"]
@@ -204,7 +187,7 @@ def add_diff(base_dir: Path, diff_dir: Path, manifest: Manifest, out: Path, log=
     base_cfg, diff_cfg = _config(base_dir, "--base"), _config(diff_dir, "weight diff")
     check_base(base_cfg, diff_cfg, manifest)
     base, diff = Checkpoint(base_dir, "--base"), Checkpoint(diff_dir, "weight diff")
-    dtype = DTYPES[manifest.diff.dtype]
+    dtype = loading.DTYPES[manifest.diff.dtype]
     _check_disk(out.parent, diff, dtype)
     added = len(manifest.diff.added_tokens)
     total = torch.zeros((), dtype=torch.float32)
@@ -252,4 +235,4 @@ def recover(manifest: Manifest, base_dir: Path, diff_dir: Path | None = None, lo
                  for f in sorted(tmp.iterdir()) if f.is_file()}
         return {"source": f"{spec.repo}@{spec.revision}", "param_sum": total, "files": files}
 
-    return loading.write_cache(recovered_dir(manifest), write)
+    return loading.write_cache(loading.recovered_dir(manifest), write)

@@ -58,7 +58,7 @@ import mmap
 import os
 import struct
 import zlib
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -72,6 +72,7 @@ from lmqa.engine.landmark_engine import LandmarkEngine, RetrievalTrace
 from lmqa.ingest import BlockSource, Document, Location, Segment, SkipReport
 from lmqa.model.loading import LoadedModel
 from lmqa.model.manifest import find_manifest
+from lmqa.options import EngineOptions
 from .session import DocumentSession
 
 FORMAT = "lmqa-context"
@@ -568,13 +569,17 @@ def check_compatible(info: ContextInfo, loaded: LoadedModel) -> None:
                                f"the loaded model uses {value}: ingest the document again")
 
 
-def load(path: Path, loaded: LoadedModel, offload: str = "cpu") -> DocumentSession:
+def load(path: Path, loaded: LoadedModel, options: EngineOptions = EngineOptions()) -> DocumentSession:
     """A DocumentSession at the saved document state, block keys/values read
-    in place from the file's memory map (see the module docstring)."""
+    in place from the file's memory map (see the module docstring). Its
+    engine has the command's options but the file's kv dtype, and offload
+    auto keeps the blocks in host memory: read in place, never copied whole
+    to a GPU."""
     meta, tensors = _map(Path(path), verify=True)
     info = _info(path, meta)
     check_compatible(info, loaded)
-    engine = LandmarkEngine(loaded.model, loaded.landmark, offload=offload, kv_dtype=parse_kv_dtype(info.kv_dtype))
+    engine = replace(options, kv_dtype=info.kv_dtype,
+                     kv_offload="cpu" if options.kv_offload == "auto" else options.kv_offload).engine(loaded)
     try:
         layers = range(info.settings["layers"])
         stores = [engine.new_store({name: tensors[f"layers.{i}.{name}"] for name in _STORE_TENSORS

@@ -18,16 +18,34 @@ the open block while the answer is generated) is evidence too.
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
 if TYPE_CHECKING:
-    from .session import DocumentSession
+    from lmqa.ingest import BlockSource, Document
 
 PASSAGES = 3  # at most this many passages per answer
 RUN = 3  # neighbouring blocks merged into one passage, at most
+
+
+class SessionLayout(Protocol):
+    """What evidence reads of a session (qa/session.py's DocumentSession),
+    written out here because the session imports this module: its document
+    and how its tokens lie on it (token ids, block size, where the
+    document's tokens begin, and each document block's source)."""
+
+    document: Document
+    doc_token_start: int
+    sources: Mapping[int, BlockSource]
+
+    @property
+    def token_ids(self) -> list[int]: ...
+
+    @property
+    def block_size(self) -> int: ...
 
 
 @dataclass(frozen=True)
@@ -103,7 +121,7 @@ class Passage:
                 "quoted": self.quoted, "text": self.text}
 
 
-def document_mass(session: DocumentSession, evidence: TokenMass) -> torch.Tensor:
+def document_mass(session: SessionLayout, evidence: TokenMass) -> torch.Tensor:
     """Per block, the evidence mass of its document tokens (the prompt's head
     comes before them; the question and answers after): [n_blocks], float64."""
     b, start, end = session.block_size, session.doc_token_start, len(session.token_ids)
@@ -113,7 +131,7 @@ def document_mass(session: DocumentSession, evidence: TokenMass) -> torch.Tensor
     return torch.nn.functional.pad(mass, (0, -len(mass) % b)).view(-1, b).sum(dim=1)
 
 
-def passages(session: DocumentSession, evidence: TokenMass | None, limit: int = PASSAGES) -> list[Passage]:
+def passages(session: SessionLayout, evidence: TokenMass | None, limit: int = PASSAGES) -> list[Passage]:
     """Up to `limit` passages (at least one per quote): the passages an answer
     quotes first, then most mass first. Attention mass alone favours the blocks nearest the question
     (the book's last lines) and easy text, so a quote's own place in the
@@ -150,13 +168,13 @@ def passages(session: DocumentSession, evidence: TokenMass | None, limit: int = 
     return found[:leading] + sorted(found[leading:], key=lambda p: (-p.mass, p.blocks[0]))
 
 
-def holds(session: DocumentSession, found: list[Passage], start: int, end: int) -> bool:
+def holds(session: SessionLayout, found: list[Passage], start: int, end: int) -> bool:
     """Does one of the passages `found` hold a block with any of the
     document's characters [start, end) (a planted fact, in evaluation)?"""
     return any(set(_blocks_of(session, start, end)) & set(p.blocks) for p in found)
 
 
-def quoted_span(session: DocumentSession, answer: str, evidence: TokenMass | None = None) -> tuple[int, int] | None:
+def quoted_span(session: SessionLayout, answer: str, evidence: TokenMass | None = None) -> tuple[int, int] | None:
     """Where in the document the answer's text occurs (whitespace matching any
     whitespace, as quotes are held); of several places, the one whose blocks
     the answer attended to most (the first without evidence). None when it
@@ -172,19 +190,19 @@ def quoted_span(session: DocumentSession, answer: str, evidence: TokenMass | Non
     return spans[0] if spans else None
 
 
-def _blocks_of(session: DocumentSession, start: int, end: int) -> list[int]:
+def _blocks_of(session: SessionLayout, start: int, end: int) -> list[int]:
     """The document blocks holding any of the characters [start, end), in order."""
     return sorted(b for b, s in session.sources.items() if s.char_start < end and s.char_end > start)
 
 
-def _same_part(session: DocumentSession, left: int, right: int) -> bool:
+def _same_part(session: SessionLayout, left: int, right: int) -> bool:
     """Both blocks lie wholly in one and the same file, chapter or page, so
     the merged passage has one file:line range."""
     a, b = session.sources[left].locations, session.sources[right].locations
     return len(a) == len(b) == 1 and a[0].title == b[0].title
 
 
-def _passage(session: DocumentSession, run: list[int], mass: torch.Tensor, rows: int, quoted: bool) -> Passage:
+def _passage(session: SessionLayout, run: list[int], mass: torch.Tensor, rows: int, quoted: bool) -> Passage:
     first, last = session.sources[run[0]], session.sources[run[-1]]
     masses = [float(mass[b]) for b in run]
     text = session.document.text[first.char_start : last.char_end].strip()

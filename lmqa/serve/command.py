@@ -1,21 +1,28 @@
 """`lmqa serve CTX.lmqa|DOC ...`: load the model and every context once, then
 answer over HTTP until Ctrl-C or SIGTERM. Contexts are opened and documents
-read by the same functions as `lmqa ask`; FastAPI and uvicorn are imported
-only here, so the other commands do not pay for them."""
+read by the same functions as `lmqa ask` (lmqa/sessions.py); register()
+adds the command to the app, so this module never imports cli.py. FastAPI
+and uvicorn are imported only here, so the other commands do not pay for them."""
 
 from __future__ import annotations
 
 import functools
 import signal
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
 from rich.markup import escape
 
-from lmqa.cli import (BlockOpt, BoilerplateOpt, CandidatesOpt, DeviceOpt, ExcludeOpt, IncludeOpt, KvDtypeOpt, MaxGpuOpt,
-                      MaxMemoryOpt, ModelOpt, OffloadOpt, PrefillOpt, QuantOpt, QuoteOpt, SeedOpt, TopKOpt, UserError,
-                      _engine_settings, _load, _report_memory, _session, app, err, friendly)
+from lmqa.flags import (BlockOpt, BoilerplateOpt, CandidatesOpt, DeviceOpt, ExcludeOpt, IncludeOpt, KvDtypeOpt, MaxGpuOpt,
+                        MaxMemoryOpt, ModelOpt, OffloadOpt, PrefillOpt, QuantOpt, QuoteOpt, SeedOpt, TopKOpt,
+                        answer_options, session_options)
+from lmqa.options import AnswerOptions, SessionOptions
+from lmqa.sessions import load_model, open_session
+from lmqa.terminal import UserError, err, friendly
+
+if TYPE_CHECKING:
+    from .app import ServeOptions
 
 GRACE_S = 5  # at shutdown, seconds the answers in flight get before they are stopped
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
@@ -34,9 +41,14 @@ def _stopped(signum, frame) -> None:
     end of the command (exit code 0), not a KeyboardInterrupt or a kill."""
 
 
-@app.command()
-@friendly
+def register(app: typer.Typer) -> None:
+    """Add `lmqa serve` to the app. cli.py calls this, as simonw/llm's plugins
+    register their commands, so this module needs nothing of cli.py."""
+    app.command()(friendly(serve))
+
+
 def serve(
+    ctx: typer.Context,
     paths: Annotated[list[Path], typer.Argument(help="Context files from `lmqa ingest` (.lmqa) or documents, each served as the model named after its file (book.lmqa: book).")],
     host: Annotated[str, typer.Option("--host", envvar="LMQA_HOST", help="Address to listen on: 127.0.0.1 serves this machine only; 0.0.0.0 every network (use --api-key).")] = "127.0.0.1",
     port: Annotated[int, typer.Option("--port", envvar="LMQA_PORT", min=0, max=65535, help="Port to listen on (0: any free one, printed at start).")] = 8000,
@@ -55,34 +67,36 @@ def serve(
     prefill: PrefillOpt = "layer", max_gpu_memory: MaxGpuOpt = "auto",
 ):
     """Answer questions about contexts over an OpenAI-compatible HTTP API (/v1/chat/completions), with the model loaded once."""
-    import uvicorn
-
-    from lmqa.engine.generation import SamplingConfig
-    from .app import ServeOptions, build_app
+    from .app import ServeOptions  # here: FastAPI is imported by this command alone
 
     names = [context_name(p) for p in paths]
     twice = sorted({n for n in names if names.count(n) > 1})
     if twice:
         raise UserError(f"two contexts would both be served as {twice[0]!r}: rename or copy one")
-    _engine_settings(prefill, max_gpu_memory)
-    loader = functools.cache(_load)  # contexts made with one model share it
-    contexts = {}
-    for name, path in zip(names, paths):
-        session = _session(path, include, exclude, max_memory, model, quantize, device, kv_offload, top_k, block_size,
-                           kv_dtype, keep_boilerplate, loader)
-        _report_memory(session.engine)
-        session.quote = session.quote and quote  # --no-quote: the model's own words (a codebase then answers freely too)
-        contexts[name] = session
-    options = ServeOptions(SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature, seed=seed,
-                                          candidates=candidates),
-                           api_key or None, max_queue, max_request_bytes, warmup)
-    if options.api_key is None and host not in LOOPBACK:
+    answering = answer_options(ctx)
+    server = ServeOptions(sampling=answering.sampling, api_key=api_key or None, max_queue=max_queue,
+                          max_request_bytes=max_request_bytes, warmup=warmup)
+    _serve(dict(zip(names, paths)), session_options(ctx), answering, server, host=host, port=port)
+
+
+def _serve(paths: dict[str, Path], options: SessionOptions, answering: AnswerOptions, server: ServeOptions, *,
+           host: str, port: int) -> None:
+    """Open every context (name -> path) with one model per distinct model
+    options, then serve them until Ctrl-C or SIGTERM."""
+    import uvicorn
+
+    from .app import build_app
+
+    loader = functools.cache(load_model)  # contexts made with one model share it
+    # --no-quote: the model's own words (a codebase then answers freely too)
+    contexts = {name: open_session(path, options, quote=answering.quote, loader=loader) for name, path in paths.items()}
+    if server.api_key is None and host not in LOOPBACK:
         err.print(f"[yellow]note:[/yellow] serving on {escape(host)} without --api-key: anyone who can reach "
                   f"this port can ask", soft_wrap=True, highlight=False)
     err.print(f"[dim]models: {escape(', '.join(contexts))}[/dim]", soft_wrap=True, highlight=False)
-    app_ = build_app(contexts, options, log=lambda line: err.print(f"[dim]{escape(line)}[/dim]", soft_wrap=True,
-                                                                   highlight=False))
-    server = uvicorn.Server(uvicorn.Config(app_, host=host, port=port, timeout_graceful_shutdown=GRACE_S))
+    app_ = build_app(contexts, server, log=lambda line: err.print(f"[dim]{escape(line)}[/dim]", soft_wrap=True,
+                                                                  highlight=False))
+    uvicorn_server = uvicorn.Server(uvicorn.Config(app_, host=host, port=port, timeout_graceful_shutdown=GRACE_S))
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, _stopped)
-    server.run()
+    uvicorn_server.run()
