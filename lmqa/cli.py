@@ -1,8 +1,9 @@
 """The `lmqa` command line: each command declares its flags, builds the
 options objects of lmqa/options.py from them once, and calls one function
 with them. Flags several commands share are declared in lmqa/flags.py;
-sessions are opened in lmqa/sessions.py; `lmqa serve` registers itself
-(lmqa/serve/command.py)."""
+sessions are opened in lmqa/sessions.py; `lmqa eval` and `lmqa serve` live
+in their packages and register themselves here (evaluation/command.py,
+serve/command.py)."""
 
 from __future__ import annotations
 
@@ -19,11 +20,11 @@ from rich.markup import escape
 from rich.table import Table
 
 from lmqa import __version__
+from lmqa.evaluation import command as evaluation_command
 from lmqa.flags import (BlockOpt, BoilerplateOpt, CandidatesOpt, DeviceOpt, ExcludeOpt, IncludeOpt, KvDtypeOpt,
                         MaxGpuOpt, MaxMemoryOpt, ModelOpt, OffloadOpt, PrefillOpt, QuantOpt, QuoteOpt, SeedOpt, TopKOpt,
                         answer_options, options_of, session_options)
 from lmqa.options import AnswerOptions, EngineOptions, ModelOptions, SessionOptions
-from lmqa.evaluation import command as evaluation_command
 from lmqa.serve import command as serve_command
 from lmqa.sessions import load_model, new_engine, open_session, over_budget, prepared_session, report_memory
 from lmqa.terminal import UserError, check_output_path, console, err, friendly, prefill_bar, write_output

@@ -16,7 +16,7 @@ constant's answer carries its value. `--no-quote` keeps free text.
 The model does not rank the candidates: reading each as a whole answer in
 its trained form ("`loads` is defined in _parser.py.") and taking the
 likeliest (mean log p per token, as answer_search reads proposals) lost to
-this ranking on `lmqa eval --tasks code` (README, "Asking about code"): it
+this ranking on `lmqa eval --tasks code` (docs/evaluation.md, "Code"): it
 matched it where the question names the definition and lost most "which
 function does Y" questions. The answer is still fed to the model, so its
 evidence and a kept chat turn are recorded as for any answer.
