@@ -2,9 +2,9 @@
 
 Each command builds these once from its flags (and the LMQA_* environment
 variables Typer reads for them: lmqa/flags.py, whose flags are named as
-these fields are) and passes them down: what is read
-(ReadOptions), which model (ModelOptions), how the engine keeps and reads
-its blocks (EngineOptions), and how questions are answered (AnswerOptions).
+these fields are) and passes them down: what is read (ReadOptions), which
+model (ModelOptions), how the engine keeps and reads its blocks
+(EngineOptions), and how questions are answered (AnswerOptions).
 Every engine a command makes, a context file's included, is built by
 EngineOptions.engine, so none of them can miss a setting. A value lmqa
 cannot use fails here, as one OptionError naming its flag, before a model
