@@ -164,9 +164,9 @@ def test_retrieved_block_ids_valid(model):
     seen = []
     real = engine._select
 
-    def spy(store, q, r, *rope):
-        ids, scores = real(store, q, r, *rope)
-        seen.append((len(store), r, ids.clone(), scores.clone()))
+    def spy(cache, n, q, r, *rope):
+        ids, scores = real(cache, n, q, r, *rope)
+        seen.append((n, r, ids.clone(), scores.clone()))
         return ids, scores
 
     engine._select = spy
@@ -335,23 +335,27 @@ class RotaryRecorder:
 
     def steps(self):
         """Per (step, layer): dict with window key positions, query positions,
-        landmark scoring positions [n] and retrieved block positions [r, S]."""
+        landmark scoring positions [n] and retrieved block positions [r, S].
+        A layer rotates its queries [1, H, T, d] first, then its landmark
+        keys [Hkv, n, d] and retrieved blocks [Hkv, r, S, d] if it retrieves,
+        then its window [Hkv, n_win, S, d] (padded to whole blocks: cut here
+        after the last query)."""
         e = self.engine
-        out, cur = [], {}
+        out = []
         for shape, cos, sin, rotated in self.calls:
             pos = self.positions(cos, sin)
-            if len(shape) == 3:  # landmark keys [Hkv, n, d]
-                cur["landmarks"] = pos.reshape(-1)
-                cur["landmarks_rot"] = rotated
-            elif shape[0] == e.n_kv and shape[0] != 1:  # retrieved blocks [Hkv, r, S, d]
-                cur["blocks"] = pos
-            elif shape[1] == e.n_heads:  # queries [1, H, T, d]
-                cur["queries"] = pos.reshape(-1)
-                cur["queries_rot"] = rotated
-            else:  # window keys [1, Hkv, W, d]: the last rotation of a layer
-                cur["window"] = pos.reshape(-1)
-                out.append(cur)
-                cur = {}
+            if len(shape) == 4 and shape[1] == e.n_heads and shape[0] == 1:  # queries: a new layer
+                out.append({"queries": pos.reshape(-1), "queries_rot": rotated})
+            elif len(shape) == 3:  # landmark keys [Hkv, n, d]
+                out[-1]["landmarks"] = pos.reshape(-1)
+                out[-1]["landmarks_rot"] = rotated
+            else:  # retrieved blocks, then the window: [Hkv, r, S, d]
+                if "window" in out[-1]:
+                    out[-1]["blocks"] = out[-1]["window"]
+                out[-1]["window"] = pos
+        for s in out:
+            window = s["window"].reshape(-1)
+            s["window"] = window[: int((window == s["queries"][-1]).nonzero()[0]) + 1]
         return out
 
 

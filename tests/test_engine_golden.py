@@ -64,8 +64,8 @@ def state(engine, name: str) -> dict[str, torch.Tensor]:
         for part, tensors in store.export().items():
             out[f"{name}.layer{li}.{part}.sha256"] = digest(torch.cat(tensors))
     for li, (k, v) in enumerate(zip(engine.open.keys, engine.open.values)):
-        out[f"{name}.layer{li}.open_keys"] = k.cpu().contiguous()
-        out[f"{name}.layer{li}.open_values"] = v.cpu().contiguous()
+        out[f"{name}.layer{li}.open_keys"] = k.cpu().clone()
+        out[f"{name}.layer{li}.open_values"] = v.cpu().clone()
     out[f"{name}.counts"] = torch.tensor([engine.n_tokens, engine.n_blocks, engine.open_len])
     return out
 

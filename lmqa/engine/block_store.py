@@ -192,6 +192,7 @@ class LayerBlockStore:
         self.offload = offload
         saved = saved or {}
         shape = (n_kv_heads, block_size, head_dim)
+        self.block_shape = shape  # one block's keys (or values) per head: (Hkv, b, d)
 
         def base(name, where, want):
             t = saved.get(name)

@@ -4,17 +4,18 @@ Why: a token step runs about 115 kernels per layer, 3,500 for the default
 model, and from Python each costs ~25 us of host time, so an H200 decoded at
 ~75 ms/token while its own work took ~8 ms. A CUDA graph launches them all
 at once. A graph needs fixed shapes and fixed addresses, so this step:
-  * keeps each layer's open block in a fixed [Hkv, S, d] buffer and writes
-    the new token's key/value at slot p, a device scalar; slots past p are
-    hidden by the causal mask;
+  * writes the new token's key/value into its layer cache's fixed open-block
+    buffer [Hkv, S, d] at slot p, a device scalar (LandmarkCache.write);
+    slots past p are hidden by the causal mask;
   * scores the landmark keys over the store's whole capacity, blocks past n
     (a device scalar) masked, with the serial engine's landmark rope and
     landmark_probs, and gathers the k best from device-resident stores.
 It serves the common step only: one ordinary token that does not close its
 block, blocks on the device (`--kv-offload device`, or auto while they fit)
 in the compute dtype, no mapped prefix, at least k blocks stored. It also
-hands answer evidence (the attention share of each slot of the retrieved
-blocks and the open block) to the engine's recorder, as the eager step does.
+returns answer evidence (the attention share of each slot of the retrieved
+blocks and the open block) for the engine's recorder, as the eager step
+records it. The engine, not this module, advances its caches and trace.
 Everything else (a token and the landmark closing its block, prefill,
 host-resident blocks) takes the engine's eager step. The
 graph is captured again when a store's buffers move (they grow by doubling).
@@ -34,7 +35,7 @@ import torch.nn.functional as F
 from .grouped_attention import grouped_attention_inference
 from .landmarks import forbid_landmark
 from .positions import RopeTables, landmark_slot, rotate
-from .retrieval import RetrievalStep, landmark_probs, top_blocks
+from .retrieval import landmark_probs, top_blocks
 
 if TYPE_CHECKING:
     from .landmark_engine import LandmarkEngine
@@ -50,8 +51,6 @@ class GraphDecoder:
         e, cfg = engine, engine.config
         S, k, dev = cfg.slot, cfg.top_k, engine.device
         L = len(e.llama.layers)
-        self.open_k = torch.zeros(L, 1, e.n_kv, S, e.head_dim, dtype=e.dtype, device=dev)  # [L, 1, Hkv, S, d]
-        self.open_v = torch.zeros_like(self.open_k)
         self.token = torch.zeros(1, 1, dtype=torch.long, device=dev)
         self.p = torch.zeros(1, dtype=torch.long, device=dev)  # the new token's slot in the open block
         self.n = torch.zeros((), dtype=torch.long, device=dev)  # blocks stored
@@ -64,33 +63,32 @@ class GraphDecoder:
         self.rope = RopeTables.build(e.llama.rotary_emb, e.llama.embed_tokens.weight[:1], e.dtype, cfg, S)
         self.graph = None
         self.broken = False  # capture failed: the engine decodes eagerly
-        self.buffers = None  # the store buffers the graph was captured on
-        self.views = None  # engine.open.keys as this decoder last left them
+        self.buffers = None  # the cache buffers the graph was captured on
 
     def can_step(self, stream: list[int]) -> bool:
         e = self.engine
         return (not self.broken and len(stream) == 1 and e.offload == "device" and e.kv_dtype == e.dtype
                 and e.n_blocks >= e.config.top_k
-                and all(s.landmark_keys.n_base == 0 and s.n_frozen == 0 for s in e.stores)
-                and len({s.landmark_keys.data.shape[0] for s in e.stores}) == 1)
+                and all(c.store.landmark_keys.n_base == 0 and c.store.n_frozen == 0 for c in e.caches)
+                and len({c.store.landmark_keys.data.shape[0] for c in e.caches}) == 1)
 
-    def step(self, token: int) -> torch.Tensor | None:
-        """The engine's feed([token]) (same state changes, same logits); None
-        (nothing changed) if the graph cannot be captured."""
+    def step(self, token: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """The engine's feed([token]) without its state changes: the new
+        token's keys/values are written into the caches' open blocks, and the
+        engine advances them (LandmarkCache.advance). Returns the logits
+        [vocab], block ids and scores [L, Hkv, k] and slot probabilities
+        [L, Hkv, G, k+1, S] (this decoder's buffers: copy what you keep),
+        or None (nothing written) if the graph cannot be captured."""
         e = self.engine
-        p = e.open_len
-        if self.views is None or e.open.keys[0] is not self.views:  # the engine moved on eagerly: take its open block
-            for li in range(len(e.stores)):
-                self.open_k[li, :, :, :p] = e.open.keys[li]
-                self.open_v[li, :, :, :p] = e.open.values[li]
         self.token.fill_(token)
-        self.p.fill_(p)
+        self.p.fill_(e.open_len)
         self.n.fill_(e.n_blocks)
         if not self.capture:
             self._forward()
         else:
-            buffers = [(s.landmark_keys.data.data_ptr(), s.landmark_keys.data.shape[0], s.keys.codes.data.data_ptr(),
-                        s.values.codes.data.data_ptr()) for s in e.stores]
+            buffers = [(c.store.landmark_keys.data.data_ptr(), c.store.landmark_keys.data.shape[0],
+                        c.store.keys.codes.data.data_ptr(), c.store.values.codes.data.data_ptr(),
+                        c.open_keys.data_ptr(), c.open_values.data_ptr()) for c in e.caches]
             if buffers != self.buffers:
                 try:
                     self._capture()
@@ -100,17 +98,7 @@ class GraphDecoder:
                     return None
                 self.buffers = buffers
             self.graph.replay()
-        e.open.keys = [self.open_k[li, :, :, : p + 1] for li in range(len(e.stores))]
-        e.open.values = [self.open_v[li, :, :, : p + 1] for li in range(len(e.stores))]
-        self.views = e.open.keys[0]
-        if e.evidence is not None:
-            opened = torch.full((e.n_kv, 1), e.n_blocks, dtype=torch.long, device=e.device)
-            for li in range(len(e.stores)):
-                e.evidence.add(torch.cat([self.ids[li], opened], dim=1), self.slot_probs[li])
-        e.trace.steps.append(RetrievalStep("token", e.n_tokens, self.ids.to("cpu", copy=True),
-                                           self.scores.to("cpu", copy=True)))
-        e.n_tokens += 1
-        return self.logits.clone()
+        return self.logits.clone(), self.ids, self.scores, self.slot_probs
 
     def _capture(self) -> None:
         """Warm up on a side stream (the warm-up computes this very step, so
@@ -126,24 +114,23 @@ class GraphDecoder:
 
     def _forward(self) -> None:
         """LandmarkEngine._step for one token, in fixed shapes, writing only
-        into this decoder's buffers (and reading the stores)."""
+        into this decoder's buffers and the caches' open-block buffers at slot p."""
         e, cfg = self.engine, self.engine.config
         S, k, H, Hkv, d = cfg.slot, cfg.top_k, e.n_heads, e.n_kv, e.head_dim
-        cap = e.stores[0].landmark_keys.data.shape[0]
+        cap = e.caches[0].store.landmark_keys.data.shape[0]
         block = torch.arange(cap, device=e.device)
         recency = self.n - 1 - block
         valid = recency >= 0  # [cap]
         lm_cos, lm_sin = (t[landmark_slot(recency, k)] for t in self.rope.landmarks)  # [cap, d]
         q_cos, q_sin = (t[self.p] for t in self.rope.window)  # [1, d]
         h = e.llama.embed_tokens(self.token)  # [1, 1, D]
-        for li, layer in enumerate(e.llama.layers):
-            attn, store = layer.self_attn, e.stores[li]
+        for li, (layer, cache) in enumerate(zip(e.llama.layers, e.caches)):
+            attn, store = layer.self_attn, cache.store
             x = layer.input_layernorm(h)
             q = attn.q_proj(x).view(1, 1, H, d).transpose(1, 2).to(e.dtype)  # [1, H, 1, d]
-            kk = attn.k_proj(x).view(1, 1, Hkv, d).transpose(1, 2).to(e.dtype)  # [1, Hkv, 1, d]
-            vv = attn.v_proj(x).view(1, 1, Hkv, d).transpose(1, 2).to(e.dtype)
-            self.open_k[li].index_copy_(2, self.p, kk)
-            self.open_v[li].index_copy_(2, self.p, vv)
+            kk = attn.k_proj(x).view(1, Hkv, d).to(e.dtype)  # [1, Hkv, d]
+            vv = attn.v_proj(x).view(1, Hkv, d).to(e.dtype)
+            cache.write(kk, vv, self.p)
             q = rotate(q, q_cos, q_sin)
 
             lm = rotate(store.landmark_keys.data.transpose(0, 1), lm_cos, lm_sin)  # [Hkv, cap, d]
@@ -157,9 +144,9 @@ class GraphDecoder:
             rlm = store.landmark_keys.data[ids, heads]  # [Hkv, k, d]
             blocks_k = rotate(torch.cat([rk, rlm[:, :, None]], dim=2), *self.rope.blocks)
             blocks_v = F.pad(rv, (0, 0, 0, 1))
-            win_k = rotate(self.open_k[li][0], *self.rope.window)  # [Hkv, S, d]
+            win_k = rotate(cache.open_keys, *self.rope.window)  # [Hkv, S, d]
             keys = torch.cat([blocks_k, win_k[:, None]], dim=1)[None]  # [1, Hkv, k + 1, S, d]
-            values = torch.cat([blocks_v, self.open_v[li][0][:, None]], dim=1)[None]
+            values = torch.cat([blocks_v, cache.open_values[:, None]], dim=1)[None]
             out, probs = grouped_attention_inference(q, keys, values, self.q_block, self.p, slot_probs=True)
             self.slot_probs[li].copy_(probs[0])  # [Hkv, G, k+1, S]
             out = out.transpose(1, 2).reshape(1, 1, H * d).to(h.dtype)

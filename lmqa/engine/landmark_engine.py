@@ -11,13 +11,14 @@ blocks are chosen and what was read, retrieval.py's.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 
 from .block_store import LayerBlockStore
+from .cache import CacheMark, LandmarkCache
 from .graph_decode import GraphDecoder
 from .grouped_attention import blockwise_grouped_attention, grouped_attention_inference
 from .landmarks import LandmarkConfig, forbid_landmark, insert_landmarks
@@ -30,25 +31,24 @@ from .retrieval import RetrievalStep, RetrievalTrace, landmark_probs, top_blocks
 
 class Mark(NamedTuple):
     """A state to roll back to (from snapshot()); also what a context file
-    saves: the first n_blocks of every store plus this open block."""
+    saves: every layer's cache at its mark."""
 
     n_blocks: int
-    open_keys: list[torch.Tensor]  # per layer [1, Hkv, p, d]
-    open_values: list[torch.Tensor]
     n_tokens: int
     n_steps: int
+    caches: tuple[CacheMark, ...]  # per layer
 
 
-@dataclass
-class _OpenBlock:
-    """Unrotated keys/values of the open block's tokens, per layer: [1, Hkv, p, d]."""
+class OpenBlocks(NamedTuple):
+    """Every layer's open block, [1, Hkv, p, d] views (read-only: see LandmarkEngine.open)."""
 
     keys: list[torch.Tensor]
     values: list[torch.Tensor]
 
 
 class LandmarkEngine:
-    """Holds one context (block stores + open block) for a LlamaForCausalLM.
+    """Holds one context (a LandmarkCache per layer, token count, retrieval
+    trace) for a LlamaForCausalLM.
 
     Its settings (config, prefill, offload, evidence) are read-only
     attributes changed through methods (set_top_k, set_prefill, move_blocks,
@@ -132,64 +132,95 @@ class LandmarkEngine:
         """Keep block keys/values on the device ("device") or in host memory
         ("cpu") from now on: every store is built again there, same contents."""
         self._offload = where
-        self.stores = [self.new_store({name: torch.cat(parts) for name, parts in store.export().items()})
-                       for store in self.stores]
+        self.caches = [cache.moved(where) for cache in self.caches]
 
     # ----- state -----
     def reset(self) -> None:
-        n_layers = len(self.llama.layers)
-        self.stores = [self.new_store() for _ in range(n_layers)]
-        empty = torch.zeros(1, self.n_kv, 0, self.head_dim, dtype=self.dtype, device=self.device)
-        self.open = _OpenBlock([empty] * n_layers, [empty] * n_layers)
+        self.caches = [self.new_cache() for _ in self.llama.layers]
         self.n_tokens = 0  # ordinary tokens consumed
         self.trace = RetrievalTrace()
 
+    def new_cache(self, state: dict[str, torch.Tensor] | None = None) -> LandmarkCache:
+        """One layer's cache with this engine's settings, optionally holding
+        state (named tensors, see LandmarkCache.state)."""
+        return LandmarkCache.from_state(self.n_kv, self.config.block_size, self.head_dim, self.dtype, self.device,
+                                        self.offload, self.kv_dtype, state)
+
+    def load_state(self, states: list[dict[str, torch.Tensor]], n_tokens: int) -> None:
+        """Take over a context saved elsewhere (a context file): one state per
+        layer (see LandmarkCache.state) and the ordinary tokens it holds; the
+        trace starts empty."""
+        if len(states) != len(self.llama.layers):
+            raise ValueError(f"{len(states)} layer caches for a {len(self.llama.layers)}-layer model")
+        self._take(n_tokens, [self.new_cache(state) for state in states])
+
+    def _take(self, n_tokens: int, caches: list[LandmarkCache]) -> None:
+        b = self.config.block_size
+        if {(c.n_blocks, c.open_len) for c in caches} != {divmod(n_tokens, b)}:
+            raise ValueError(f"layer caches of {sorted({(c.n_blocks, c.open_len) for c in caches})} "
+                             f"(blocks, open tokens) do not hold {n_tokens} tokens in blocks of {b}")
+        self.caches = caches
+        self.n_tokens = n_tokens
+        self.trace = RetrievalTrace()
+
+    # Compatibility for lmqa/qa/context_stream.py, which builds stores itself.
     def new_store(self, saved: dict[str, torch.Tensor] | None = None) -> LayerBlockStore:
-        """One layer's block store with this engine's settings, optionally
-        starting from saved tensors (see LayerBlockStore)."""
-        return LayerBlockStore(self.n_kv, self.config.block_size, self.head_dim, self.dtype, self.device,
-                               self.offload, self.kv_dtype, saved)
+        """One layer's block store with this engine's settings (see LayerBlockStore)."""
+        return self.new_cache(saved).store
 
     def restore(self, stores: list[LayerBlockStore], open_keys: list[torch.Tensor], open_values: list[torch.Tensor],
                 n_tokens: int, trace: RetrievalTrace) -> None:
-        """Take over a context built elsewhere (a loaded context file): open
-        block keys/values are [1, Hkv, p, d] per layer."""
+        """load_state for stores built with new_store: open block keys/values
+        are [1, Hkv, p, d] per layer; trace must be empty."""
         if len(stores) != len(self.llama.layers):
             raise ValueError(f"{len(stores)} block stores for a {len(self.llama.layers)}-layer model")
-        self.stores = stores
-        self.open = _OpenBlock([k.to(self.device, self.dtype) for k in open_keys],
-                               [v.to(self.device, self.dtype) for v in open_values])
-        self.n_tokens = n_tokens
-        self.trace = trace
+        if trace.steps:
+            raise ValueError("a restored context starts with an empty trace")
+        self._take(n_tokens, [LandmarkCache(s, k[0], v[0]) for s, k, v in zip(stores, open_keys, open_values)])
+
+    @property
+    def stores(self) -> list[LayerBlockStore]:
+        """Every layer's block store (read them; the caches write them)."""
+        return [cache.store for cache in self.caches]
+
+    @property
+    def open(self) -> OpenBlocks:
+        """Every layer's open block as [1, Hkv, p, d] views of the caches'
+        buffers, which later steps and rollbacks overwrite: copy what you keep."""
+        blocks = [cache.open_block() for cache in self.caches]
+        return OpenBlocks([k[None] for k, _ in blocks], [v[None] for _, v in blocks])
 
     @property
     def n_blocks(self) -> int:
-        return len(self.stores[0])
+        return self.caches[0].n_blocks
 
     @property
     def open_len(self) -> int:
-        return self.open.keys[0].shape[2]
+        return self.caches[0].open_len
 
     def memory(self) -> dict[str, int]:
         total = {"device": 0, "host": 0}
-        for store in self.stores:
-            for where, n in store.bytes_on().items():
+        for cache in self.caches:
+            for where, n in cache.bytes_on().items():
                 total[where] += n
         return total
 
     def snapshot(self) -> Mark:
-        """A cheap mark to roll back to (store sizes + open block + counters)."""
-        # copies: the CUDA graph decoder's open block is a view of a buffer it rewrites
-        return Mark(self.n_blocks, [k.clone() for k in self.open.keys], [v.clone() for v in self.open.values],
-                    self.n_tokens, len(self.trace.steps))
+        """A cheap mark to roll back to (every cache's mark + counters)."""
+        return Mark(self.n_blocks, self.n_tokens, len(self.trace.steps), tuple(c.mark() for c in self.caches))
 
     def rollback(self, mark: Mark) -> None:
-        n_blocks, keys, values, n_tokens, n_steps = mark
-        for store in self.stores:
-            store.truncate(n_blocks)
-        self.open = _OpenBlock(list(keys), list(values))
-        self.n_tokens = n_tokens
-        del self.trace.steps[n_steps:]
+        for cache, at in zip(self.caches, mark.caches):
+            cache.trim(at)
+        self.n_tokens = mark.n_tokens
+        del self.trace.steps[mark.n_steps :]
+
+    def advance(self, n_tokens: int, step: RetrievalStep | None = None) -> None:
+        """Count n_tokens ordinary tokens as consumed, after recording what
+        their step retrieved (step.position: the count before them)."""
+        if step is not None:
+            self.trace.steps.append(step)
+        self.n_tokens += n_tokens
 
     # ----- feeding tokens -----
     @torch.inference_mode()
@@ -210,8 +241,17 @@ class LandmarkEngine:
         cfg = self.config
         stream = insert_landmarks(ids, cfg.block_size, cfg.landmark_id, filled=self.open_len)
         if self.decoder is not None and self.decoder.can_step(stream):
-            logits = self.decoder.step(stream[0])
-            if logits is not None:
+            out = self.decoder.step(stream[0])
+            if out is not None:
+                logits, ids, scores, slot_probs = out
+                for cache in self.caches:
+                    cache.advance(1)
+                if self._evidence is not None:
+                    opened = torch.full((self.n_kv, 1), self.n_blocks, dtype=torch.long, device=self.device)
+                    for layer_ids, probs in zip(ids, slot_probs):
+                        self._evidence.add(torch.cat([layer_ids, opened], dim=1), probs)
+                self.advance(1, RetrievalStep("token", self.n_tokens, ids.to("cpu", copy=True),
+                                              scores.to("cpu", copy=True)))
                 if progress is not None:
                     progress(1)
                 return logits[None] if every else logits
@@ -242,32 +282,31 @@ class LandmarkEngine:
         ids = torch.tensor(piece, device=self.device)[None]
         T, p = ids.shape[1], self.open_len
         W = p + T
-        h = self.llama.embed_tokens(ids)
-        rope = RopeTables.build(self.llama.rotary_emb, h, self.dtype, cfg, W)
-        cos_w, sin_w = rope.window
         n_win_blocks = -(-W // S)
+        h = self.llama.embed_tokens(ids)
+        rope = RopeTables.build(self.llama.rotary_emb, h, self.dtype, cfg, n_win_blocks * S)
+        cos_w, sin_w = rope.window
         win_valid = (torch.arange(n_win_blocks * S, device=self.device) < W).view(n_win_blocks, S)
         q_idx = torch.arange(p, W, device=self.device)
         landmark_rope = self._landmark_rope(rope)
+        n_before = self.n_blocks
+        r = min(k, n_before)
         # Evidence (set for short feeds only: a question, answer tokens): every ordinary token's query.
         evidence_rows = [i for i, t in enumerate(piece) if t != cfg.landmark_id] if self._evidence is not None else []
 
         step_ids, step_scores = [], []
-        for li, layer in enumerate(self.llama.layers):
+        for layer, cache in zip(self.llama.layers, self.caches):
             attn = layer.self_attn
             x = layer.input_layernorm(h)
             q = attn.q_proj(x).view(1, T, self.n_heads, self.head_dim).transpose(1, 2).to(self.dtype)
-            kk = attn.k_proj(x).view(1, T, self.n_kv, self.head_dim).transpose(1, 2).to(self.dtype)
-            vv = attn.v_proj(x).view(1, T, self.n_kv, self.head_dim).transpose(1, 2).to(self.dtype)
-            win_k = torch.cat([self.open.keys[li], kk], dim=2)
-            win_v = torch.cat([self.open.values[li], vv], dim=2)
-            q = rotate(q, cos_w[p:], sin_w[p:])
+            kk = attn.k_proj(x).view(T, self.n_kv, self.head_dim).to(self.dtype)
+            vv = attn.v_proj(x).view(T, self.n_kv, self.head_dim).to(self.dtype)
+            win_k, win_v = cache.update_and_fetch(kk, vv)  # [n_win_blocks, Hkv, S, d]
+            q = rotate(q, cos_w[p:W], sin_w[p:W])
 
-            store = self.stores[li]
-            r = min(k, len(store))
             if r:
-                ids_r, scores_r = self._select(store, q, r, *landmark_rope)
-                rk, rv, rlm = store.gather(ids_r)  # [Hkv, r, b, d], [Hkv, r, d]
+                ids_r, scores_r = self._select(cache, n_before, q, r, *landmark_rope)
+                rk, rv, rlm = cache.gather(ids_r)  # [Hkv, r, b, d], [Hkv, r, d]
                 blocks_k = torch.cat([rk, rlm[:, :, None]], dim=2)
                 blocks_v = F.pad(rv, (0, 0, 0, 1))
                 blocks_k = rotate(blocks_k, *rope.retrieved(r))
@@ -275,17 +314,15 @@ class LandmarkEngine:
                 step_scores.append(scores_r)
             else:
                 blocks_k = blocks_v = win_k.new_zeros(self.n_kv, 0, S, self.head_dim)
-            pad = n_win_blocks * S - W
-            wk = F.pad(rotate(win_k, cos_w, sin_w), (0, 0, 0, pad))[0].unflatten(1, (n_win_blocks, S))
-            wv = F.pad(win_v, (0, 0, 0, pad))[0].unflatten(1, (n_win_blocks, S))
+            wk = rotate(win_k.transpose(0, 1), cos_w.view(n_win_blocks, S, -1), sin_w.view(n_win_blocks, S, -1))
             keys = torch.cat([blocks_k, wk], dim=1)[None]
-            values = torch.cat([blocks_v, wv], dim=1)[None]
+            values = torch.cat([blocks_v, win_v.transpose(0, 1)], dim=1)[None]
             valid = torch.cat([torch.ones(r, S, dtype=torch.bool, device=self.device), win_valid])
             if evidence_rows:
                 out, probs = grouped_attention_inference(q, keys, values, r + q_idx // S, q_idx % S, valid,
                                                          slot_probs=True)
                 # the retrieved blocks, then the window's, from the open block on
-                read = torch.arange(len(store), len(store) + n_win_blocks, device=self.device).expand(self.n_kv, -1)
+                read = torch.arange(n_before, n_before + n_win_blocks, device=self.device).expand(self.n_kv, -1)
                 probs = probs[0].unflatten(1, (-1, T))[:, :, evidence_rows].flatten(1, 2)  # [Hkv, G * rows, N, S]
                 self._evidence.add(torch.cat([ids_r, read], dim=1) if r else read, probs)
             else:
@@ -294,17 +331,9 @@ class LandmarkEngine:
             h = h + attn.o_proj(out)
             h = h + layer.mlp(layer.post_attention_layernorm(h))
 
-            closed = W // S
-            if closed:
-                store.append(win_k[0, :, : closed * S].unflatten(1, (closed, S)).transpose(0, 1),
-                             win_v[0, :, : closed * S].unflatten(1, (closed, S)).transpose(0, 1))
-            self.open.keys[li] = win_k[:, :, closed * S :].clone()
-            self.open.values[li] = win_v[:, :, closed * S :].clone()
-
-        if step_ids:
-            self.trace.steps.append(RetrievalStep("chunk" if T > 1 else "token", self.n_tokens,
-                                                  torch.stack(step_ids).cpu(), torch.stack(step_scores).cpu()))
-        self.n_tokens += sum(t != cfg.landmark_id for t in piece)
+        step = RetrievalStep("chunk" if T > 1 else "token", self.n_tokens, torch.stack(step_ids).cpu(),
+                             torch.stack(step_scores).cpu()) if step_ids else None
+        self.advance(sum(t != cfg.landmark_id for t in piece), step)
         if logits_at is None:
             return None
         last = self.llama.norm(h[:, logits_at])
@@ -319,11 +348,11 @@ class LandmarkEngine:
         slot = landmark_slot(recency, self.config.top_k)
         return rope.landmarks[0][slot], rope.landmarks[1][slot]
 
-    def _select(self, store: LayerBlockStore, q: torch.Tensor, r: int, cos: torch.Tensor,
+    def _select(self, cache: LandmarkCache, n: int, q: torch.Tensor, r: int, cos: torch.Tensor,
                 sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Top-r blocks per key/value head, scored on landmark keys at their slots:
+        """Top-r of the first n blocks per key/value head, scored on landmark keys at their slots:
         softmax over blocks, max over the step's queries and the head's group."""
-        lm_rot = rotate(store.landmark_keys.view().transpose(0, 1), cos, sin)  # [Hkv, n, d]
+        lm_rot = rotate(cache.landmark_keys()[:, :n], cos, sin)  # [Hkv, n, d]
         group = self.n_heads // self.n_kv
         qg = q[0].reshape(self.n_kv, group * q.shape[2], self.head_dim)
         return top_blocks(landmark_probs(qg, lm_rot).amax(dim=1), r)  # [Hkv, n] -> [Hkv, r]

@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from . import landmark_scoring
+from .cache import LandmarkCache
 from .grouped_attention import ScoreBuffers, grouped_attention_inference, last_block_attention
 from .landmarks import forbid_landmark, insert_landmarks
 from .positions import RopeTables, rotate, shared_slot_blocks
@@ -246,26 +247,19 @@ def _layer(engine: LandmarkEngine, li: int, layer, h: torch.Tensor, layout: _Lay
             dest[lo : lo + tile] = proj(x).view(-1, *dest.shape[1:])
     del x
     # cache = inherited open block + new tokens, cut into whole blocks  # [n_cache_blocks, Hkv, S, d]
-    pad = layout.n_cache_blocks * S - layout.P
-    cache_k, cache_v = (
-        F.pad(torch.cat([old[0].transpose(0, 1), new]), (0, 0, 0, 0, 0, pad)).view(-1, S, Hkv, d).transpose(1, 2)
-        for old, new in zip((engine.open.keys[li], engine.open.values[li]), kv_new))
+    # (closed ones stored; the layer's selection scores only those before each chunk)
+    cache = engine.caches[li]
+    cache_k, cache_v = cache.update_and_fetch(*kv_new)
     del kv_new
-    store = engine.stores[li]
-    if layout.closed:
-        store.append(cache_k[: layout.closed], cache_v[: layout.closed])
-    tail = layout.P - layout.closed * S
-    engine.open.keys[li] = cache_k[layout.closed, :, :tail][None].clone() if tail else engine.open.keys[li][:, :, :0]
-    engine.open.values[li] = cache_v[layout.closed, :, :tail][None].clone() if tail else engine.open.values[li][:, :, :0]
 
     # queries in window layout, rotated at window positions  # [C, H, W, d]
     q_win = rotate(q[layout.q_rows].transpose(1, 2), *rope.window)
     del q
     select = _select_batched if budget.batched_scoring else _select_per_chunk
-    ids, scores = select(engine, store, q_win, layout, rope, budget)
+    ids, scores = select(engine, cache, q_win, layout, rope, budget)
     ids_out.copy_(ids)
     scores_out.copy_(scores)
-    out_win = _attend(engine, store, cache_k, cache_v, q_win, ids, layout, rope)
+    out_win = _attend(engine, cache, cache_k, cache_v, q_win, ids, layout, rope)
     del q_win, cache_k, cache_v
     # each token's output row, heads concatenated  # [N, H * d]
     out = out_win.transpose(1, 2).reshape(-1, H * d)[layout.token_rows].to(h.dtype)
@@ -276,16 +270,16 @@ def _layer(engine: LandmarkEngine, li: int, layer, h: torch.Tensor, layout: _Lay
     return h
 
 
-def _stored_landmarks(store, rope: RopeTables) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _stored_landmarks(cache: LandmarkCache, rope: RopeTables) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """What both selections score against: the layer's landmark keys
     [Hkv, n, d], the same rotated into slot 0 (where every landmark older than
     a chunk's k most recent sits), and which equal the first [Hkv, n] (layer 0,
     where all are the landmark embedding's, see _select_batched)."""
-    lm = store.landmark_keys.view().transpose(0, 1)  # [Hkv, n, d]
+    lm = cache.landmark_keys()  # [Hkv, n, d]
     return lm, rotate(lm, *rope.shared_landmarks), (lm == lm[:, :1]).all(-1)
 
 
-def _select_per_chunk(engine: LandmarkEngine, store, q_win: torch.Tensor, layout: _Layout, rope: RopeTables,
+def _select_per_chunk(engine: LandmarkEngine, cache: LandmarkCache, q_win: torch.Tensor, layout: _Layout, rope: RopeTables,
                       budget: PrefillBudget) -> tuple[torch.Tensor, torch.Tensor]:
     """_select_batched's result, one chunk at a time: each chunk's own query
     rows (no masked rows) against exactly the blocks before it (no masked
@@ -295,7 +289,7 @@ def _select_per_chunk(engine: LandmarkEngine, store, q_win: torch.Tensor, layout
     C, H, W, d = q_win.shape
     Hkv, k = engine.n_kv, layout.k
     group = H // Hkv
-    lm, lm_old, like_first = _stored_landmarks(store, rope)
+    lm, lm_old, like_first = _stored_landmarks(cache, rope)
     ids_out = torch.full((C, Hkv, k), -1, dtype=torch.long, device=q_win.device)
     scores_out = torch.zeros(C, Hkv, k, device=q_win.device)
     for c in range(C):
@@ -319,7 +313,7 @@ def _select_per_chunk(engine: LandmarkEngine, store, q_win: torch.Tensor, layout
     return ids_out, scores_out
 
 
-def _select_batched(engine: LandmarkEngine, store, q_win: torch.Tensor, layout: _Layout, rope: RopeTables,
+def _select_batched(engine: LandmarkEngine, cache: LandmarkCache, q_win: torch.Tensor, layout: _Layout, rope: RopeTables,
                     budget: PrefillBudget) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-k blocks per chunk and key/value head, as the serial engine's _select
     scores them: softmax over the blocks before the chunk of q . landmark / sqrt(d),
@@ -336,7 +330,7 @@ def _select_batched(engine: LandmarkEngine, store, q_win: torch.Tensor, layout: 
     C, H, W, d = q_win.shape
     Hkv, k = engine.n_kv, layout.k
     group = H // Hkv
-    lm, lm_old, like_first = _stored_landmarks(store, rope)
+    lm, lm_old, like_first = _stored_landmarks(cache, rope)
     ids_out = torch.empty(C, Hkv, k, dtype=torch.long, device=q_win.device)
     scores_out = torch.empty(C, Hkv, k, device=q_win.device)
     if not max(layout.r):  # nothing stored before any chunk
@@ -405,7 +399,7 @@ _BEST_ROWS = _MaybeCompiled(landmark_scoring.plain_best_rows)
 _GROUPED = _MaybeCompiled(grouped_attention_inference)
 
 
-def _attend(engine: LandmarkEngine, store, cache_k: torch.Tensor, cache_v: torch.Tensor, q_win: torch.Tensor,
+def _attend(engine: LandmarkEngine, cache: LandmarkCache, cache_k: torch.Tensor, cache_v: torch.Tensor, q_win: torch.Tensor,
             ids: torch.Tensor, layout: _Layout, rope: RopeTables) -> torch.Tensor:
     """Grouped softmax of every chunk's window rows over its retrieved blocks
     and its window; returns [C, H, W, d] (rows outside the chunk: garbage).
@@ -418,7 +412,7 @@ def _attend(engine: LandmarkEngine, store, cache_k: torch.Tensor, cache_v: torch
     Hkv, k, S, budget = engine.n_kv, layout.k, layout.S, engine.prefill_budget
     # retrieved blocks, landmark in the last slot, rotated into slots 1..k  # [C, Hkv, k, S, d]
     if max(layout.r):
-        rk, rv, rlm = store.gather(ids.clamp(min=0).transpose(0, 1).reshape(Hkv, C * k))  # [Hkv, C*k, b, d], [Hkv, C*k, d]
+        rk, rv, rlm = cache.gather(ids.clamp(min=0).transpose(0, 1).reshape(Hkv, C * k))  # [Hkv, C*k, b, d], [Hkv, C*k, d]
         blocks_k = rotate(torch.cat([rk, rlm[:, :, None]], dim=2).view(Hkv, C, k, S, d).transpose(0, 1), *rope.blocks)
         blocks_v = F.pad(rv, (0, 0, 0, 1)).view(Hkv, C, k, S, d).transpose(0, 1)
         del rk, rv, rlm
@@ -486,13 +480,13 @@ def _runs(values: list[int]) -> list[tuple[int, int]]:
 
 def _record_trace(engine: LandmarkEngine, stream: list[int], chunks: list[Chunk], layout: _Layout,
                   ids: torch.Tensor, scores: torch.Tensor) -> None:
-    """One RetrievalStep per chunk that retrieved, as the serial engine records
-    it; one device-to-host copy per super-chunk."""
+    """Advance the engine chunk by chunk, with one RetrievalStep per chunk
+    that retrieved, as the serial engine records it; one device-to-host copy
+    per super-chunk."""
     ids, scores = ids.cpu(), scores.cpu()  # [L, C, Hkv, k]
     k, lm_id, first = layout.k, engine.config.landmark_id, chunks[0].start
     for c, (chunk, r) in enumerate(zip(chunks, layout.r)):
-        if r:
-            engine.trace.steps.append(RetrievalStep("chunk" if chunk.length > 1 else "token", engine.n_tokens,
-                                                    ids[:, c, :, k - r :].clone(), scores[:, c, :, k - r :].clone()))
+        step = RetrievalStep("chunk" if chunk.length > 1 else "token", engine.n_tokens, ids[:, c, :, k - r :].clone(),
+                             scores[:, c, :, k - r :].clone()) if r else None
         piece = stream[chunk.start - first : chunk.start - first + chunk.length]
-        engine.n_tokens += len(piece) - piece.count(lm_id)
+        engine.advance(len(piece) - piece.count(lm_id), step)

@@ -68,7 +68,8 @@ from lmqa import __version__
 from lmqa.atomic_file import atomic_path
 from lmqa.code.symbols import SymbolIndex
 from lmqa.engine.block_store import KV_DTYPES, kv_dtype_name, parse_kv_dtype
-from lmqa.engine.landmark_engine import LandmarkEngine, RetrievalTrace
+from lmqa.engine.cache import OPEN_TENSORS
+from lmqa.engine.landmark_engine import LandmarkEngine
 from lmqa.ingest import BlockSource, Document, Location, Segment, SkipReport
 from lmqa.model.loading import LoadedModel
 from lmqa.model.manifest import find_manifest
@@ -86,6 +87,7 @@ _DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", tor
            torch.int64: "I64", torch.int32: "I32", torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL"}
 _BY_NAME = {v: k for k, v in _DTYPES.items()}
 _STORE_TENSORS = ("landmark_keys", "keys", "values", "key_scales", "value_scales")
+_CACHE_TENSORS = _STORE_TENSORS + OPEN_TENSORS  # a layer's LandmarkCache.state
 
 
 class ContextError(Exception):
@@ -405,7 +407,8 @@ class ContextWriter:
         _pwrite(self.fd, memoryview(struct.pack("<q", crc + 1)), self.layout.spans["checksums"].start + 8 * index)
 
     def write_piece(self, piece: int, exports: list[dict[str, list[torch.Tensor]]]) -> None:
-        """exports: per layer, store.export() of exactly this piece's blocks."""
+        """exports: per layer, the cache's state (LandmarkCache.state) of
+        exactly this piece's blocks (its open block is not read here)."""
         lay = self.layout
         crc = 0
         ranges = iter(lay.piece_ranges(piece))
@@ -424,7 +427,7 @@ class ContextWriter:
 
     def saved(self, layer: int, n_blocks: int) -> dict[str, torch.Tensor]:
         """A layer's first n_blocks as written, as views of the file's map
-        (for LayerBlockStore(saved=...) and LayerBlockStore.freeze)."""
+        (a cache's state, see LandmarkCache.state, and LandmarkCache.freeze)."""
         return {name: self.tensors[f"layers.{layer}.{name}"][:n_blocks] for name in self.layout.store_names}
 
     def release_pages(self) -> None:
@@ -477,7 +480,7 @@ def _settings(engine: LandmarkEngine) -> dict[str, Any]:
     c = engine.config
     return {"landmark_id": c.landmark_id, "block_size": c.block_size, "top_k": c.top_k,
             "train_context": c.train_context, "prefill_chunk": c.prefill_chunk,
-            "layers": len(engine.stores), "kv_heads": engine.n_kv, "head_dim": engine.head_dim,
+            "layers": len(engine.caches), "kv_heads": engine.n_kv, "head_dim": engine.head_dim,
             "dtype": str(engine.dtype).removeprefix("torch.")}
 
 
@@ -486,7 +489,7 @@ def piece_blocks(engine: LandmarkEngine, piece_bytes: int | None = None) -> int:
     and a whole number of prefill chunks, so feeding a document piece by
     piece chunks it exactly as feeding it at once does."""
     c = engine.config
-    heads, b, d, layers = engine.n_kv, c.block_size, engine.head_dim, len(engine.stores)
+    heads, b, d, layers = engine.n_kv, c.block_size, engine.head_dim, len(engine.caches)
     per_block = layers * heads * (2 * b * d * engine.kv_dtype.itemsize + d * engine.dtype.itemsize
                                   + (2 * b * 4 if engine.kv_dtype == torch.int8 else 0))
     chunk_blocks = c.prefill_chunk // c.slot if c.prefill_chunk % c.slot == 0 else 1
@@ -515,8 +518,9 @@ def save(session: DocumentSession, path: Path) -> int:
         try:
             for piece in range(writer.layout.n_pieces):
                 start, stop = writer.layout.blocks(piece)
-                writer.write_piece(piece, [store.export(stop, start) for store in engine.stores])
-            writer.finish([k[0] for k in mark.open_keys], [v[0] for v in mark.open_values])
+                writer.write_piece(piece, [cache.state(start, stop, at) for cache, at in zip(engine.caches, mark.caches)])
+            opened = [cache.state(at=at) for cache, at in zip(engine.caches, mark.caches)]
+            writer.finish([o["open_keys"][0] for o in opened], [o["open_values"][0] for o in opened])
         finally:
             writer.close()
     return writer.layout.size
@@ -581,11 +585,8 @@ def load(path: Path, loaded: LoadedModel, options: EngineOptions = EngineOptions
     engine = replace(options, kv_dtype=info.kv_dtype,
                      kv_offload="cpu" if options.kv_offload == "auto" else options.kv_offload).engine(loaded)
     try:
-        layers = range(info.settings["layers"])
-        stores = [engine.new_store({name: tensors[f"layers.{i}.{name}"] for name in _STORE_TENSORS
-                                    if f"layers.{i}.{name}" in tensors}) for i in layers]
-        engine.restore(stores, [tensors[f"layers.{i}.open_keys"][None] for i in layers],
-                       [tensors[f"layers.{i}.open_values"][None] for i in layers], info.n_tokens, RetrievalTrace())
+        engine.load_state([{name: tensors[f"layers.{i}.{name}"] for name in _CACHE_TENSORS if f"layers.{i}.{name}" in tensors}
+                           for i in range(info.settings["layers"])], info.n_tokens)
         raw = json.loads(bytes(tensors["document"].numpy()))
         document, sources = _document_from(raw)
         ids = tensors["token_ids"].tolist()
