@@ -26,6 +26,7 @@ from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn
 from lmqa.engine import defaults
 from lmqa.engine.landmarks import LandmarkConfig
 from .hub import HF_PREFIX
+from .lora_merge import merge_lora
 from .manifest import DEFAULT_MODEL, Manifest, ModelError, find_manifest, list_manifests
 
 CACHE_DIR = Path(os.environ.get("LMQA_CACHE", user_cache_dir("lmqa")))
@@ -254,7 +255,6 @@ def merged_adapter(where: Path, gguf_file: str | None, adapter: Path, token: str
     """Base + LoRA adapter (landmark row included) merged into plain weights and
     cached, for bitsandbytes to quantize: a quantized layer cannot absorb a
     LoRA, and LoRA layers left beside quantized ones would run unmerged."""
-    from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     digests = {f.name: sha256_file(f) for f in sorted(adapter.iterdir()) if f.is_file()}
@@ -267,7 +267,7 @@ def merged_adapter(where: Path, gguf_file: str | None, adapter: Path, token: str
     tokenizer = AutoTokenizer.from_pretrained(where, **extra)
     model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype, **extra)
     add_landmark_token(model, tokenizer, token)
-    model = PeftModel.from_pretrained(model, adapter, is_trainable=False).merge_and_unload()
+    merge_lora(model, adapter)
 
     def write(tmp: Path) -> dict:
         model.save_pretrained(tmp, max_shard_size="1000GB")  # one file: the stamp checks WEIGHTS
@@ -360,9 +360,10 @@ def load_model(spec: str | None = None, quantize: str = "none", device: str = "a
         raise ModelError(f"{manifest.name}: {token} is token {landmark_id} here, but the model was trained with "
                          f"{manifest.landmark_id}: the weights are not the ones the manifest describes")
     if adapter is not None:  # unquantized: merged LoRA runs at the base model's speed
-        from peft import PeftModel
-
-        model = PeftModel.from_pretrained(model, adapter, is_trainable=False).merge_and_unload()
+        try:
+            merge_lora(model, adapter)
+        except (KeyError, ValueError) as err:
+            raise ModelError(f"{adapter}: not a LoRA adapter of this model ({err})") from None
     if block_size is not None and trained and block_size != b:
         raise ModelError(f"{spec or DEFAULT_MODEL} was trained with block size {b}; --block-size {block_size} would not match")
     landmark = LandmarkConfig(landmark_id=landmark_id, block_size=block_size or b, top_k=top_k or k,
