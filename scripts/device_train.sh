@@ -2,7 +2,7 @@
 # One part of a training run on a lent GPU, after scripts/device_prepare.sh here and a first
 # call that stashed part 1 of the GGUF and the QA data:
 #   run(command="mkdir -p /root/stash && cp .carry/p1 .carry/qa.tar.xz /root/stash/", carry=[".carry/p1", ".carry/qa.tar.xz"])
-#   run(command="STEPS=800 MINUTES=6.5 bash scripts/device_train.sh", carry=[".carry/p2", ".carry/wheels", ".carry/train-books.tar.xz", "runs/init"])
+#   run(command="BENCH=1 STEPS=800 MINUTES=6.5 bash scripts/device_train.sh", carry=[".carry/p2", ".carry/wheels", ".carry/train-books.tar.xz", "runs/init"])
 # INIT: the adapter directory to start from (default: the shipped one; a previous part's
 # adapter travels in runs/init). Writes $OUT/adapter.tar (adapter, runs.jsonl, losses, plot)
 # and $OUT/train.log. Set TRAIN_ARGS to change the mix.
@@ -26,6 +26,10 @@ ROOT=$PWD
 cd $SRC  # python -m puts the working directory first on sys.path
 python3 -m pytest -q -p no:cacheprovider tests/test_fused_attention.py 2>&1 | tail -3
 log tested
+if [ -n "$BENCH" ]; then  # the training step per attention form, real model, this card
+  python3 -m lmqa bench --train --device cuda --steps 3 > $OUT/bench_train.txt 2>&1; tail -8 $OUT/bench_train.txt
+  log benched
+fi
 python3 -m lmqa train /tmp/books/train -o /tmp/tok --tokenize-only /tmp/data/train_tokens.safetensors 2>&1 | tail -1
 STDLIB=$(python3 -c "import sysconfig; print(sysconfig.get_paths()['stdlib'])")
 INIT=${INIT:-$ROOT/models/smollm2-135m-landmark}
