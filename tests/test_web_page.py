@@ -200,6 +200,7 @@ def hover_block(page, blocks: dict) -> tuple[int, int, dict]:
     block = max((b for b, _ in blocks["retrievals"][layer] if str(b) in blocks["sources"]),
                 key=lambda b: dict(blocks["retrievals"][layer])[b])
     canvas = page.locator("#heatmap-canvas")
+    canvas.scroll_into_view_if_needed()
     box = canvas.bounding_box()
     per_column = int(canvas.get_attribute("data-per-column"))
     columns = math.ceil(blocks["blocks"] / per_column)

@@ -16,6 +16,7 @@
   const MAX_TURNS = 50;
   const AROUND = 3000;                 // characters of document shown around a passage
   const MORE = 20000;                  // characters added by "earlier" / "later"
+  const MIN_CELL = 2;                  // heatmap: the narrowest column, in CSS pixels (wider documents are binned)
 
   let key = sessionStorage.getItem(KEY) || "";
   let context = null;                  // the model id picked
@@ -199,6 +200,7 @@
     event.preventDefault();
     const question = $("question").value.trim();
     if (!question || busy || !context) return;
+    $("question").value = "";
     ask(question).catch(failed).finally(() => {
       busy = false;
       $("ask").disabled = false;
@@ -361,7 +363,7 @@
     const L = data.layers;
     const N = Math.max(1, data.blocks);
     const width = Math.max(240, Math.floor(canvas.parentElement.clientWidth || 600));
-    const perColumn = Math.max(1, Math.ceil(N / width));
+    const perColumn = Math.max(1, Math.ceil(N / (width / MIN_CELL)));  // a lone retrieval stays visible
     const columns = Math.ceil(N / perColumn);
     const cell = width / columns;
     const rowHeight = L > 40 ? 6 : L > 16 ? 10 : 16;
@@ -408,7 +410,7 @@
       for (let col = 0; col < columns; col++) {
         const v = grid[layer * columns + col];
         if (!v) continue;
-        ctx.fillStyle = colour(Math.log(v) / Math.log(top) * 0.85 + 0.15);
+        ctx.fillStyle = colour(0.3 + 0.7 * Math.log(v) / Math.log(top));
         ctx.fillRect(col * cell, layer * rowHeight, Math.max(cell, 1), rowHeight - 1);
       }
     }
@@ -420,8 +422,14 @@
       (perColumn > 1 ? `, ${perColumn} blocks each` : "") + `); most often ${data.max_count} times` +
       (data.marks.length ? `; red lines: ${data.marks.length} files or chapters` : "") +
       (doc && doc[1] + 1 < N ? "; shaded: the question and answer" : "");
-    heat = { data, L, N, perColumn, columns, cell, rowHeight, byLayer, grid };
+    heat = { data, L, N, perColumn, columns, cell, rowHeight, byLayer, grid, width };
   }
+
+  // drawn again when its column changes width (the document view opening beside it, a resized window)
+  new ResizeObserver(() => {
+    const width = Math.max(240, Math.floor($("heatmap-canvas").parentElement.clientWidth || 600));
+    if (heat && !$("answer-panel").hidden && width !== heat.width) renderHeatmap(heat.data);
+  }).observe($("heatmap-canvas").parentElement);
 
   function heatAt(event) {
     if (!heat) return null;
@@ -449,7 +457,7 @@
     const doc = data.document_blocks;
     if (doc && block > doc[1]) return "the question and answer";
     if (doc && block < doc[0]) return "the prompt before the document";
-    return "(not retrieved)";
+    return null;  // a document block no layer retrieved: the answer's JSON does not name its place
   }
 
   function chapter(block) {
@@ -464,16 +472,22 @@
     const tip = $("heatmap-tip");
     const at = heatAt(event);
     if (!at) { tip.hidden = true; return; }
-    const blocks = at.first === at.last ? `block ${at.block}` : `blocks ${at.first}-${at.last} (most: ${at.block})`;
-    const where = chapter(at.block);
-    tip.replaceChildren(
-      el("div", "tip-place", place(at.block)),
-      el("div", null, `layer ${at.layer}, ${blocks}`),
-      el("div", null, at.count ? `retrieved ${at.count} times` : "not retrieved by this layer"),
-    );
-    if (where) tip.append(el("div", "muted", `in ${where}`));
+    const own = heat.byLayer[at.layer].get(at.block) || 0;
+    const where = place(at.block);
+    const within = chapter(at.block);
+    tip.replaceChildren();
+    if (where) tip.append(el("div", "tip-place", where));
+    tip.append(el("div", null, `layer ${at.layer}, block ${at.block}`));
+    tip.append(el("div", null, own ? `retrieved ${own} times` : "not retrieved by this layer"));
+    if (at.first !== at.last && at.count) {
+      tip.append(el("div", "muted", `blocks ${at.first}-${at.last} (this column): ${at.count} times`));
+    }
+    if (within) tip.append(el("div", "muted", `in ${within}`));
     tip.hidden = false;
-    tip.style.left = `${Math.round(at.x + 56)}px`;
+    const offset = $("heatmap-canvas").offsetLeft;  // past the layer labels
+    const room = $("heatmap").clientWidth - tip.offsetWidth - 4;
+    const right = offset + at.x + 14;
+    tip.style.left = `${Math.round(Math.max(0, right <= room ? right : offset + at.x - tip.offsetWidth - 14))}px`;
     tip.style.top = `${Math.round(at.y + 14)}px`;
   });
 
@@ -512,7 +526,7 @@
     box.replaceChildren(...data.lines.map(lineNode));
     moreButtons();
     const first = box.querySelector(".in-passage");
-    if (first) first.scrollIntoView({ block: "center" });
+    if (first) box.scrollTop = Math.max(0, first.offsetTop - box.clientHeight / 3);  // the view scrolls, not the page
   }
 
   function lineNode(line) {
