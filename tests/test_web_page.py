@@ -393,3 +393,20 @@ def test_json_endpoints_need_the_key(keyed_server):
     res = httpx.get(keyed_server.url + "/v1/document", params={"model": "book", "start": 0, "end": 10},
                     headers={"authorization": f"Bearer {KEY}"})
     assert res.status_code == 200 and res.json()["lines"]
+
+
+def test_refused_question_shows_the_servers_message(server, watched):
+    """A question the server refuses (400) is marked as not answered, with the
+    server's reason, and the page goes on answering."""
+    from lmqa.qa.questions import MAX_QUESTION_CHARS
+
+    page = watched.page
+    page.goto(server.url + "/")
+    page.select_option("#context", value="book")
+    page.fill("#question", "x" * (MAX_QUESTION_CHARS + 1))
+    page.press("#question", "Enter")
+    failed = page.locator("#turns .turn.failed")
+    failed.wait_for()
+    assert "not answered:" in failed.locator(".meta").text_content()
+    assert page.locator("#status.error").is_visible() and page.locator("#ask").is_enabled()
+    assert watched.dialogs == [] and watched.page_errors == []

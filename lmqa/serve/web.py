@@ -87,9 +87,12 @@ def answer_details(session: DocumentSession, answer: Answer, evidence: list[dict
     quotes = [list(span) for span in (answer.evidence.quoted if answer.evidence is not None else ())]
     passages = []
     for p in evidence:
-        first, last = session.sources[p["blocks"][0]], session.sources[p["blocks"][-1]]
+        first, last = session.sources.get(p["blocks"][0]), session.sources.get(p["blocks"][-1])
+        if first is None or last is None:  # not a document block: no place to show (never seen; the answer still stands)
+            passages.append({**p, "char_start": None, "char_end": None, "spans": []})
+            continue
         raw = text[first.char_start : last.char_end]
-        start = first.char_start + len(raw) - len(raw.lstrip())
+        start = first.char_start + len(raw) - len(raw.lstrip())  # the passage's text is stripped
         end = start + len(p["text"])
         spans = [[max(s, start) - start, min(e, end) - start] for s, e in quotes if s < end and e > start]
         passages.append({**p, "char_start": start, "char_end": end, "spans": spans})

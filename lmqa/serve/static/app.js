@@ -201,7 +201,16 @@
     const question = $("question").value.trim();
     if (!question || busy || !context) return;
     $("question").value = "";
-    ask(question).catch(failed).finally(() => {
+    ask(question).catch((error) => {
+      const pending = document.querySelector("#turns .turn.streaming");
+      if (pending) {  // the question stays in view, marked as not answered
+        pending.classList.remove("streaming");
+        pending.classList.add("failed");
+        pending.querySelector(".meta").textContent = error instanceof KeyNeeded ? "not answered: API key needed"
+          : `not answered: ${error && error.message ? error.message : error}`;
+      }
+      failed(error);
+    }).finally(() => {
       busy = false;
       $("ask").disabled = false;
     });
@@ -335,10 +344,12 @@
       bar.append(fill);
       share.prepend(bar);
       head.append(share);
-      const open = el("button", "link open", "open in document");
-      open.type = "button";
-      open.addEventListener("click", () => openDocument(p.char_start, p.char_end).catch(failed));
-      head.append(open);
+      if (p.char_start !== null) {
+        const open = el("button", "link open", "open in document");
+        open.type = "button";
+        open.addEventListener("click", () => openDocument(p.char_start, p.char_end).catch(failed));
+        head.append(open);
+      }
       item.append(head);
       const text = el("p", "passage-text");
       text.append(highlighted(p.text, p.spans));
