@@ -157,19 +157,22 @@ def _recording(fn, log):
     return wrapper
 
 
-def test_retrieved_block_ids_valid(model):
-    """Per step, layer and kv head: r = min(k, stored) ids, in range, sorted, unique."""
+def test_retrieved_block_ids_valid(model, monkeypatch):
+    """Per step, layer and kv head: r = min(k, stored) ids, in range, sorted,
+    unique, after k - r missing ones (-1, score 0)."""
+    import lmqa.engine.landmark_engine as eng
+
     b, k = 3, 3
     engine = make_engine(model, b, top_k=k, chunk=2 * (b + 1))
     seen = []
-    real = engine._select
+    real = eng.select_blocks
 
-    def spy(cache, n, q, r, *rope):
-        ids, scores = real(cache, n, q, r, *rope)
-        seen.append((n, r, ids.clone(), scores.clone()))
+    def spy(queries, landmarks, n_before, *args, **kw):
+        ids, scores = real(queries, landmarks, n_before, *args, **kw)
+        seen.append((n_before[0], ids[0].clone(), scores[0].clone()))
         return ids, scores
 
-    engine._select = spy
+    monkeypatch.setattr(eng, "select_blocks", spy)
     ids = random_ids(40, seed=9)
     engine.feed(ids[:30])
     for t in ids[30:]:
@@ -177,9 +180,11 @@ def test_retrieved_block_ids_valid(model):
     assert len(seen) > 10
     layers = len(model.model.layers)
     assert len(seen) == layers * len(engine.trace.steps)
-    for n_stored, r, ids_r, scores_r in seen:
-        assert r == min(k, n_stored)
-        assert ids_r.shape == (engine.n_kv, r)
+    for n_stored, ids_k, scores_k in seen:
+        r = min(k, n_stored)
+        assert ids_k.shape == scores_k.shape == (engine.n_kv, k)
+        assert (ids_k[:, : k - r] == -1).all() and (scores_k[:, : k - r] == 0).all()
+        ids_r, scores_r = ids_k[:, k - r :], scores_k[:, k - r :]
         assert ids_r.min() >= 0 and ids_r.max() < n_stored
         assert (ids_r[:, 1:] > ids_r[:, :-1]).all()  # strictly increasing: sorted and unique
         assert ((scores_r >= 0) & (scores_r <= 1)).all()
@@ -187,7 +192,7 @@ def test_retrieved_block_ids_valid(model):
         assert step.block_ids.shape[:2] == (layers, engine.n_kv)
         assert step.block_ids.max() < engine.n_blocks
     # several distinct blocks are chosen over the run (retrieval is not stuck on one choice)
-    assert len({tuple(s[2].flatten().tolist()) for s in seen}) > 1
+    assert len({tuple(s[1].flatten().tolist()) for s in seen}) > 1
 
 
 def test_selection_matches_independent_scoring(model, monkeypatch):
@@ -301,22 +306,39 @@ def test_memory_accounting(model):
 
 
 # ----- positions (method page, section 3.2.1) -----
+# where the engine's step rotates queries, retrieved blocks and window keys (and calls select_blocks)
+STEP_MODULE = "lmqa.engine.landmark_engine"
+
+
 class RotaryRecorder:
-    """Wraps lmqa.engine.landmark_engine.rotate and decodes the rotary position of every rotated vector."""
+    """Wraps rotate where the step and block selection call it (and
+    select_blocks, for each step's block count) and decodes the rotary
+    position of every rotated vector."""
 
     def __init__(self, engine, monkeypatch):
-        import lmqa.engine.landmark_engine as eng
+        import importlib
 
+        from lmqa.engine import retrieval
+
+        step = importlib.import_module(STEP_MODULE)
         self.engine = engine
         self.calls = []
-        real = eng.rotate
+        real = retrieval.rotate
 
         def spy(x, cos, sin):
             out = real(x, cos, sin)
             self.calls.append((tuple(x.shape), cos.detach().clone(), sin.detach().clone(), out.detach().clone()))
             return out
 
-        monkeypatch.setattr(eng, "rotate", spy)
+        real_select = step.select_blocks
+
+        def select(queries, landmarks, n_before, *args, **kw):
+            self.calls.append(("select", n_before[0]))
+            return real_select(queries, landmarks, n_before, *args, **kw)
+
+        for module in (step, retrieval):
+            monkeypatch.setattr(module, "rotate", spy)
+        monkeypatch.setattr(step, "select_blocks", select)
         rot = engine.llama.rotary_emb
         self.inv_freq = rot.inv_freq.float().cpu()
         self.scale = float(getattr(rot, "attention_scaling", 1.0))
@@ -336,19 +358,30 @@ class RotaryRecorder:
     def steps(self):
         """Per (step, layer): dict with window key positions, query positions,
         landmark scoring positions [n] and retrieved block positions [r, S].
-        A layer rotates its queries [1, H, T, d] first, then its landmark
-        keys [Hkv, n, d] and retrieved blocks [Hkv, r, S, d] if it retrieves,
-        then its window [Hkv, n_win, S, d] (padded to whole blocks: cut here
-        after the last query)."""
+        A layer rotates its queries [1, H, T, d] first; if it retrieves, it
+        selects blocks (rotating every landmark key [Hkv, n', d] to slot 0,
+        then its r most recent of the n before the step [Hkv, r, d] to theirs)
+        and rotates the retrieved blocks [Hkv, r, S, d]; last, its window
+        [Hkv, n_win, S, d] (padded to whole blocks: cut here after the last
+        query)."""
         e = self.engine
         out = []
-        for shape, cos, sin, rotated in self.calls:
+        for call in self.calls:
+            if call[0] == "select":
+                out[-1]["n"] = call[1]
+                continue
+            shape, cos, sin, rotated = call
             pos = self.positions(cos, sin)
             if len(shape) == 4 and shape[1] == e.n_heads and shape[0] == 1:  # queries: a new layer
                 out.append({"queries": pos.reshape(-1), "queries_rot": rotated})
-            elif len(shape) == 3:  # landmark keys [Hkv, n, d]
-                out[-1]["landmarks"] = pos.reshape(-1)
-                out[-1]["landmarks_rot"] = rotated
+            elif len(shape) == 3 and "landmarks" not in out[-1]:  # every landmark key at slot 0
+                n = out[-1]["n"]
+                out[-1]["landmarks"] = pos.expand(n).clone()
+                out[-1]["landmarks_rot"] = rotated[:, :n].clone()
+            elif len(shape) == 3:  # the r most recent at their slots
+                r = shape[1]
+                out[-1]["landmarks"][-r:] = pos
+                out[-1]["landmarks_rot"][:, -r:] = rotated
             else:  # retrieved blocks, then the window: [Hkv, r, S, d]
                 if "window" in out[-1]:
                     out[-1]["blocks"] = out[-1]["window"]

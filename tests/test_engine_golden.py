@@ -8,7 +8,8 @@ tests/data/engine_golden.safetensors holds the outputs of commit 6fc1250
 (the last before the change); regenerate only on purpose, with
 LMQA_REGENERATE_GOLDEN=1 (then say why in the commit). Logits, retrieval
 scores, block ids and every stored key/value (by checksum) are compared exactly: the
-engine must compute the same floats as before, in the same order.
+engine must compute the same floats as before, in the same order, but for
+the differences CHANGED names and bounds.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -147,12 +149,25 @@ def test_regenerate(computed):
     save_file(computed, GOLDEN)
 
 
+# What changed on purpose since the fixture, and by how much it may differ: (name pattern, atol, why).
+CHANGED = [
+    (r"(gpu_settings|tiny_budget)\..*\.trace\.\d+\.scores", 1e-6,
+     "block scores: one rule for every step (retrieval.block_probs): the batched form sums probabilities "
+     "where it summed log-probabilities, and token steps tile query rows by the budget as prefill does"),
+]
+
+
+def allowed(name: str) -> float:
+    return next((atol for pattern, atol, _ in CHANGED if re.fullmatch(pattern, name)), 0.0)
+
+
 def test_outputs_equal_the_pinned_ones(computed):
     want = load_file(GOLDEN)
     assert sorted(computed) == sorted(want)
     differ = [name for name in sorted(want)
               if computed[name].dtype != want[name].dtype or computed[name].shape != want[name].shape
-              or not torch.equal(computed[name], want[name])]
+              or not torch.equal(computed[name], want[name])
+              and not torch.allclose(computed[name], want[name], rtol=0, atol=allowed(name))]
     worst = {name: (computed[name].double() - want[name].double()).abs().max().item() for name in differ
              if computed[name].shape == want[name].shape}
     assert not differ, worst or differ

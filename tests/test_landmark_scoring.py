@@ -1,6 +1,6 @@
 """Fused landmark scoring (lmqa/engine/landmark_scoring.py) against the plain
-path it replaces on CUDA (the s_old matmul + landmark_scoring.plain_best_rows), on
-CPU through Triton's interpreter.
+form of the block-scoring rule it stands in for on CUDA (retrieval.block_probs),
+on CPU through Triton's interpreter.
 
 Triton picks the interpreter or the compiler when a kernel is defined, its
 own library's (tl.max, tl.sum, ...) included, that is on import. So in a
@@ -27,7 +27,7 @@ triton = pytest.importorskip("triton")
 import triton.language as tl  # noqa: E402
 from triton.runtime import interpreter  # noqa: E402
 
-from lmqa.engine import landmark_scoring  # noqa: E402
+from lmqa.engine import landmark_scoring, retrieval  # noqa: E402
 from lmqa.engine.landmark_engine import LandmarkEngine  # noqa: E402
 from lmqa.engine.landmarks import LandmarkConfig  # noqa: E402
 from lmqa.engine.retrieval import top_blocks  # noqa: E402
@@ -77,7 +77,7 @@ def bf16_dots(monkeypatch):
 
 
 def random_case(B, Hkv, G, W, d, n_old, k, limits, dtype, seed):
-    """Inputs as _select_batched makes them: limits [B] (0 included), each
+    """Inputs as select_blocks' batched form makes them: limits [B] (0 included), each
     chunk's own rows a window [open, len) of its W rows in each of the G
     groups (none for a chunk with nothing before it), the first recent
     landmarks missing where a chunk has fewer than k blocks before it."""
@@ -86,6 +86,7 @@ def random_case(B, Hkv, G, W, d, n_old, k, limits, dtype, seed):
     lm_old = torch.randn(Hkv, n_old, d, generator=g).to(dtype)
     lm_recent = torch.randn(B, Hkv, k, d, generator=g).to(dtype)
     s_recent = qg @ lm_recent.transpose(-1, -2)  # [B, Hkv, G*W, k]
+    LM_RECENT[id(s_recent)] = lm_recent
     old_limit = torch.tensor(limits)
     before = old_limit + torch.tensor([(b * 5) % (k + 1) if lim == 0 else k for b, lim in enumerate(limits)])
     recent_missing = torch.arange(k) < (k - before.clamp(max=k))[:, None]  # [B, k]
@@ -97,10 +98,16 @@ def random_case(B, Hkv, G, W, d, n_old, k, limits, dtype, seed):
     return qg, lm_old, s_recent, old_limit, recent_missing, rows
 
 
+LM_RECENT = {}  # random_case's recent landmark keys, by its s_recent
+
+
 def plain(qg, lm_old, s_recent, old_limit, recent_missing, rows, scale):
-    s_old = qg @ lm_old.transpose(-1, -2)  # [B, Hkv, G*W, n_old]
-    too_recent = torch.arange(lm_old.shape[1], device=qg.device) >= old_limit[:, None]
-    return landmark_scoring.plain_best_rows(s_old, s_recent.clone(), too_recent, recent_missing, rows, scale)
+    """The plain form (retrieval.block_probs on both parts), as logarithms like best_rows'."""
+    assert scale == qg.shape[-1] ** 0.5
+    too_old = torch.arange(lm_old.shape[1], device=qg.device) >= old_limit[:, None]
+    probs = retrieval.block_probs(qg, [lm_old, LM_RECENT[id(s_recent)]],
+                                  [too_old[:, None, None], recent_missing[:, None, None]], rows[..., None])
+    return tuple(p.log() for p in probs)
 
 
 def fused(device, case, scale):
@@ -166,10 +173,10 @@ def test_gpu_tiles_and_nothing_stored(bf16_dots, dtype):
 def test_first_use_check(bf16_dots, monkeypatch, dtype):
     """usable()'s one-time check passes the kernels as they are and turns the
     fused path off, with a warning, when they give a wrong result."""
-    check = landmark_scoring._runs.__wrapped__  # uncached
+    check = retrieval._fused_checked.__wrapped__  # uncached
     assert check(torch.device("cpu"), dtype, 64)
     best = landmark_scoring.old_best
-    monkeypatch.setattr(landmark_scoring, "old_best", lambda *a: best(*a).clamp(min=-1e9))  # no -inf
+    monkeypatch.setattr(landmark_scoring, "old_best", lambda *a: best(*a) + 0.5)  # probabilities 1.6x too high
     with pytest.warns(UserWarning, match="fused landmark scoring unavailable"):
         assert not check(torch.device("cpu"), dtype, 64)
 

@@ -16,7 +16,7 @@ import torch
 
 from lmqa.engine.landmark_engine import LandmarkEngine
 from lmqa.engine.landmarks import LandmarkConfig
-from lmqa.engine.layer_prefill import Chunk, batches, plan_chunks, super_chunks
+from lmqa.engine.plan import Chunk, batches, plan_chunks, super_chunks
 from lmqa.engine.retrieval import _largest_by_max, top_blocks
 
 from conftest import make_tiny_llama

@@ -201,8 +201,10 @@ class LayerBlockStore:
         # Landmark keys are scored in full every step, so they are copied in
         # (small: 1/b of the keys) rather than read through a prefix.
         self.landmark_keys = _Growable((n_kv_heads, head_dim), dtype, device, False)
+        # per block and head: is its landmark key block 0's? (at layer 0 every one is: see retrieval.select_blocks)
+        self.like_first = _Growable((n_kv_heads,), torch.bool, device, False)
         if "landmark_keys" in saved:
-            self.landmark_keys.append(saved["landmark_keys"])
+            self._append_landmarks(saved["landmark_keys"])
         scales = kv_dtype == torch.int8
         self.keys = _BlockTensor(shape, kv_dtype, host, pin, base("keys", host, kv_dtype),
                                  base("key_scales", host, torch.float32) if scales else None)
@@ -217,12 +219,18 @@ class LayerBlockStore:
 
     def append(self, block_keys: torch.Tensor, block_values: torch.Tensor) -> None:
         """block_keys/values: [m, Hkv, b+1, d], landmark in the last slot."""
-        self.landmark_keys.append(block_keys[:, :, -1])
+        self._append_landmarks(block_keys[:, :, -1])
         self.keys.append(block_keys[:, :, :-1])
         self.values.append(block_values[:, :, :-1])
 
+    def _append_landmarks(self, keys: torch.Tensor) -> None:
+        start = self.landmark_keys.size
+        self.landmark_keys.append(keys)
+        stored = self.landmark_keys.data[: self.landmark_keys.size]  # as stored: in the compute dtype
+        self.like_first.append((stored[start:] == stored[:1]).all(dim=-1))
+
     def truncate(self, n_blocks: int) -> None:
-        for part in (self.landmark_keys, self.keys, self.values):
+        for part in (self.landmark_keys, self.like_first, self.keys, self.values):
             part.truncate(n_blocks)
 
     def gather(self, block_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

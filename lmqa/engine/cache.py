@@ -85,6 +85,10 @@ class LandmarkCache:
         """Every stored block's landmark key [Hkv, n, d] (unrotated)."""
         return self.store.landmark_keys.view().transpose(0, 1)
 
+    def like_first(self) -> torch.Tensor:
+        """Per head and stored block [Hkv, n]: is its landmark key block 0's (bitwise)?"""
+        return self.store.like_first.view().transpose(0, 1)
+
     def gather(self, block_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Keys, values [Hkv, r, b, d] and landmark keys [Hkv, r, d] of block_ids [Hkv, r]."""
         return self.store.gather(block_ids)

@@ -7,9 +7,10 @@ at once. A graph needs fixed shapes and fixed addresses, so this step:
   * writes the new token's key/value into its layer cache's fixed open-block
     buffer [Hkv, S, d] at slot p, a device scalar (LandmarkCache.write);
     slots past p are hidden by the causal mask;
-  * scores the landmark keys over the store's whole capacity, blocks past n
-    (a device scalar) masked, with the serial engine's landmark rope and
-    landmark_probs, and gathers the k best from device-resident stores.
+  * selects blocks through retrieval.select_blocks with the block count n a
+    device scalar (its fixed-shape form: the landmark keys of the store's
+    whole capacity scored, those past n masked), and gathers the k best
+    from device-resident stores.
 It serves the common step only: one ordinary token that does not close its
 block, blocks on the device (`--kv-offload device`, or auto while they fit)
 in the compute dtype, no mapped prefix, at least k blocks stored. It also
@@ -34,8 +35,8 @@ import torch.nn.functional as F
 
 from .grouped_attention import grouped_attention_inference
 from .landmarks import forbid_landmark
-from .positions import RopeTables, landmark_slot, rotate
-from .retrieval import landmark_probs, top_blocks
+from .positions import RopeTables, rotate
+from .retrieval import select_blocks
 
 if TYPE_CHECKING:
     from .landmark_engine import LandmarkEngine
@@ -117,11 +118,6 @@ class GraphDecoder:
         into this decoder's buffers and the caches' open-block buffers at slot p."""
         e, cfg = self.engine, self.engine.config
         S, k, H, Hkv, d = cfg.slot, cfg.top_k, e.n_heads, e.n_kv, e.head_dim
-        cap = e.caches[0].store.landmark_keys.data.shape[0]
-        block = torch.arange(cap, device=e.device)
-        recency = self.n - 1 - block
-        valid = recency >= 0  # [cap]
-        lm_cos, lm_sin = (t[landmark_slot(recency, k)] for t in self.rope.landmarks)  # [cap, d]
         q_cos, q_sin = (t[self.p] for t in self.rope.window)  # [1, d]
         h = e.llama.embed_tokens(self.token)  # [1, 1, D]
         for li, (layer, cache) in enumerate(zip(e.llama.layers, e.caches)):
@@ -133,11 +129,12 @@ class GraphDecoder:
             cache.write(kk, vv, self.p)
             q = rotate(q, q_cos, q_sin)
 
-            lm = rotate(store.landmark_keys.data.transpose(0, 1), lm_cos, lm_sin)  # [Hkv, cap, d]
-            probs = landmark_probs(q[0].reshape(Hkv, H // Hkv, d), lm, valid)  # [Hkv, G, cap]
-            ids, scores = top_blocks(probs.amax(dim=1).masked_fill_(~valid, float("-inf")), k)  # [Hkv, k]
+            # every block there is room for, the n stored scored (the buffers: see below)
+            ids, scores = select_blocks(q, store.landmark_keys.data.transpose(0, 1), self.n.view(1), k,
+                                        self.rope.landmarks, store.like_first.data.transpose(0, 1))
+            ids = ids[0]  # [Hkv, k]
             self.ids[li].copy_(ids)
-            self.scores[li].copy_(scores)
+            self.scores[li].copy_(scores[0])
             # the buffers themselves, not store.gather: its view ends at the block count of capture time
             heads = torch.arange(Hkv, device=e.device)[:, None]
             rk, rv = store.keys.codes.data[ids, heads], store.values.codes.data[ids, heads]  # [Hkv, k, b, d]

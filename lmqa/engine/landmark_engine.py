@@ -22,11 +22,11 @@ from .cache import CacheMark, LandmarkCache
 from .graph_decode import GraphDecoder
 from .grouped_attention import blockwise_grouped_attention, grouped_attention_inference
 from .landmarks import LandmarkConfig, forbid_landmark, insert_landmarks
-from .layer_prefill import PrefillBudget
 from .layer_prefill import feed as layer_major_feed
 from .offload import AutoOffload
-from .positions import RopeTables, landmark_slot, rotate
-from .retrieval import RetrievalStep, RetrievalTrace, landmark_probs, top_blocks
+from .plan import PrefillBudget
+from .positions import RopeTables, rotate
+from .retrieval import RetrievalStep, RetrievalTrace, select_blocks
 
 
 class Mark(NamedTuple):
@@ -288,7 +288,6 @@ class LandmarkEngine:
         cos_w, sin_w = rope.window
         win_valid = (torch.arange(n_win_blocks * S, device=self.device) < W).view(n_win_blocks, S)
         q_idx = torch.arange(p, W, device=self.device)
-        landmark_rope = self._landmark_rope(rope)
         n_before = self.n_blocks
         r = min(k, n_before)
         # Evidence (set for short feeds only: a question, answer tokens): every ordinary token's query.
@@ -305,7 +304,9 @@ class LandmarkEngine:
             q = rotate(q, cos_w[p:W], sin_w[p:W])
 
             if r:
-                ids_r, scores_r = self._select(cache, n_before, q, r, *landmark_rope)
+                ids_r, scores_r = (t[0, :, k - r :] for t in select_blocks(
+                    q, cache.landmark_keys(), [n_before], k, rope.landmarks, cache.like_first(),
+                    budget=self.prefill_budget))
                 rk, rv, rlm = cache.gather(ids_r)  # [Hkv, r, b, d], [Hkv, r, d]
                 blocks_k = torch.cat([rk, rlm[:, :, None]], dim=2)
                 blocks_v = F.pad(rv, (0, 0, 0, 1))
@@ -339,20 +340,3 @@ class LandmarkEngine:
         last = self.llama.norm(h[:, logits_at])
         logits = self.model.lm_head(last)[0].float()  # [vocab], or [len(logits_at), vocab] for a list
         return forbid_landmark(logits, self.config.landmark_id)
-
-    def _landmark_rope(self, rope: RopeTables) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos/sin [n, d] for scoring the n stored landmarks, each at its slot
-        (positions.landmark_slot). Every layer stores the same number of
-        blocks, so one computation serves all."""
-        recency = torch.arange(self.n_blocks - 1, -1, -1, device=self.device)
-        slot = landmark_slot(recency, self.config.top_k)
-        return rope.landmarks[0][slot], rope.landmarks[1][slot]
-
-    def _select(self, cache: LandmarkCache, n: int, q: torch.Tensor, r: int, cos: torch.Tensor,
-                sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Top-r of the first n blocks per key/value head, scored on landmark keys at their slots:
-        softmax over blocks, max over the step's queries and the head's group."""
-        lm_rot = rotate(cache.landmark_keys()[:, :n], cos, sin)  # [Hkv, n, d]
-        group = self.n_heads // self.n_kv
-        qg = q[0].reshape(self.n_kv, group * q.shape[2], self.head_dim)
-        return top_blocks(landmark_probs(qg, lm_rot).amax(dim=1), r)  # [Hkv, n] -> [Hkv, r]

@@ -1,10 +1,11 @@
-"""Fused landmark scoring for the batched (CUDA) prefill selection.
+"""Fused landmark scoring: the CUDA dispatch of the block-scoring rule
+(retrieval.block_probs) for batches of chunks.
 
-Why: _select_batched (layer_prefill.py) scores every chunk's query rows
+Why: retrieval.select_blocks' batched form scores every chunk's query rows
 against every landmark stored before it. The plain form writes those scores
-as one tensor, s_old [B, Hkv, G*W, n_old] (B chunks, Hkv key/value heads, G
-query heads per key/value head, W window rows, n_old blocks), and
-plain_best_rows (the reference, below) reads it back for a softmax over
+as one tensor [B, Hkv, G*W, n_old] (B chunks, Hkv key/value heads, G query
+heads per key/value head, W window rows, n_old blocks older than each
+chunk's k most recent, all at slot 0) and reads it back for a softmax over
 blocks and a max over rows. At a million tokens (16k blocks, ~5000 rows per chunk and key/value head) that is ~160 MB
 of bf16 per chunk and head, written and read twice at every layer: memory
 traffic, not arithmetic, bounds the prefill. Here two Triton kernels recompute the dot products
@@ -13,24 +14,23 @@ instead of storing them (the FlashAttention trade):
   pass 1 (_lse_kernel): per (chunk, head, row), the logsumexp over the
     chunk's blocks g < old_limit[b] of q . lm_g / sqrt(d), an online
     max/sum over block tiles in float32 (exp2/log2 on log2(e)-scaled scores);
-  in torch: log-add the few recent landmarks' part, as plain_best_rows does, and
-    set rows that are not the chunk's own queries to +inf;
+  in torch (with_recent): log-add the few recent landmarks' part and set
+    rows that are not the chunk's own queries to +inf;
   pass 2 (_best_kernel): per (chunk, head, block tile), the max over row
     tiles of q . lm_g / sqrt(d) - lse[row]; blocks at or past old_limit[b]
     get -inf.
 
 Each dot product is rounded to the inputs' dtype before use, as the plain
 path's matmul output is (a no-op for float32; ROUND_SCORES), so both paths
-score alike and pick the same blocks but for near-ties. best_rows is the fused stand-in for
-`plain_best_rows(qg @ lm_old.mT, ...)`; usable() says when _select_batched may
-call it (CUDA, Triton importable, a head size tl.dot takes, and a first small
-call that compiled and ran).
+score alike and pick the same blocks but for near-ties. best_rows returns the
+logarithm of what block_probs returns for the two parts (old, recent);
+usable() says when select_blocks may call it (CUDA, Triton importable, a head
+size tl.dot takes); select_blocks checks a first small call against the
+plain form.
 """
 
 from __future__ import annotations
 
-import functools
-import warnings
 from typing import NamedTuple
 
 import torch
@@ -43,7 +43,7 @@ try:
 except Exception:  # noqa: BLE001 - no Triton (or a broken one): the plain path serves
     triton = None
 
-# Set False to make _select_batched take the plain (reference) path everywhere.
+# Set False to make select_blocks take the plain (reference) form everywhere.
 ENABLED = True
 # Round each dot product to the inputs' dtype, as the plain path's matmul
 # output is (two conversions per score; False: float32 scores, a little
@@ -156,14 +156,14 @@ if triton is not None:
 def best_rows(qg: torch.Tensor, lm_old: torch.Tensor, s_recent: torch.Tensor, old_limit: torch.Tensor,
               recent_missing: torch.Tensor, rows: torch.Tensor, scale: float,
               lse_tiles: Tiles | None = None, best_tiles: Tiles | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """plain_best_rows(qg @ lm_old.mT, s_recent, too_recent, recent_missing, rows, scale)
-    without the [B, Hkv, G*W, n_old] score tensor.
+    """log of retrieval.block_probs(qg, [lm_old, lm_recent], [too_old, recent_missing], rows)
+    (s_recent = qg @ lm_recent.mT) without the [B, Hkv, G*W, n_old] score tensor.
 
     qg [B, Hkv, G*W, d] (the chunks' rotated queries, grouped by key/value
     head), lm_old [Hkv, n_old, d] (slot-0 landmark keys, same dtype),
     s_recent [B, Hkv, G*W, k] (raw recent scores; a float32 one is scaled
-    in place, as plain_best_rows does), old_limit [B] (block g counts for chunk b
-    iff g < old_limit[b], i.e. too_recent = arange(n_old) >= old_limit[:, None]),
+    in place), old_limit [B] (block g counts for chunk b iff g < old_limit[b],
+    i.e. too_old = arange(n_old) >= old_limit[:, None]),
     recent_missing [B, k], rows [B, 1, G*W] (the chunk's own queries).
     Returns float32 best_old [B, Hkv, n_old], recent_best [B, Hkv, k].
     Tiles: launch shapes (default: LSE_TILES / BEST_TILES for the dtype).
@@ -177,8 +177,7 @@ def best_rows(qg: torch.Tensor, lm_old: torch.Tensor, s_recent: torch.Tensor, ol
 
 def with_recent(lse_old: torch.Tensor, s_recent: torch.Tensor, recent_missing: torch.Tensor, rows: torch.Tensor,
                 scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """The few recent landmarks' part, shared by the fused and the plain path
-    (plain_best_rows): s_recent [B, Hkv, G*W, k] raw scores (a float32 one is
+    """The few recent landmarks' part of best_rows: s_recent [B, Hkv, G*W, k] raw scores (a float32 one is
     scaled in place), log-added to the old blocks' lse_old [B, Hkv, G*W].
     Returns the rows' lse [B, Hkv, G*W, 1] (+inf for rows that are not the
     chunk's own: other chunks' rows and padding never win a max) and the
@@ -187,25 +186,6 @@ def with_recent(lse_old: torch.Tensor, s_recent: torch.Tensor, recent_missing: t
     lse = torch.logaddexp(lse_old, s_recent.logsumexp(-1))  # [B, Hkv, G*W]
     lse = lse.masked_fill_(~rows, float("inf"))[..., None]
     return lse, s_recent.sub_(lse).amax(2)
-
-
-def plain_best_rows(s_old: torch.Tensor, s_recent: torch.Tensor, too_recent: torch.Tensor,
-                    recent_missing: torch.Tensor, rows: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """The reference best_rows replaces: raw landmark scores [B, Hkv, G*W, n_old]
-    and [B, Hkv, G*W, k] (model dtype) -> log of the serial engine's block
-    score: softmax over the chunk's blocks in float32, max over its rows;
-    [B, Hkv, n_old], [B, Hkv, k].
-
-    too_recent [B, n_old] / recent_missing [B, k]: blocks that are not the
-    chunk's; rows [B, 1, G*W]: the chunk's own queries. This is the one pass
-    over every (query, earlier block) pair, so at 1M tokens its memory
-    traffic bounds the prefill; layer_prefill runs it compiled on CUDA
-    (which fuses it into two reads of the matmul's output) where best_rows's
-    kernels (no stored scores at all) cannot take its place.
-    """
-    s_old = s_old.float().div_(scale).masked_fill_(too_recent[:, None, None], float("-inf"))
-    lse, recent_best = with_recent(s_old.logsumexp(-1), s_recent, recent_missing, rows, scale)
-    return s_old.sub_(lse).amax(2), recent_best
 
 
 def old_lse(qg: torch.Tensor, lm_old: torch.Tensor, old_limit: torch.Tensor, scale: float,
@@ -251,31 +231,9 @@ def _round(qg: torch.Tensor) -> int:
 
 
 def usable(qg: torch.Tensor) -> bool:
-    """Whether _select_batched may score queries like qg [..., d] with best_rows."""
+    """Whether best_rows can take queries like qg [..., d] (CUDA, Triton, a
+    head size tl.dot takes); retrieval.select_blocks also checks its first
+    results against the plain form before it relies on it."""
     d = qg.shape[-1]
     return (ENABLED and triton is not None and qg.is_cuda and 16 <= d <= 256 and d & (d - 1) == 0
-            and qg.dtype in (torch.float16, torch.bfloat16, torch.float32) and _runs(qg.device, qg.dtype, d))
-
-
-@functools.cache
-def _runs(device: torch.device, dtype: torch.dtype, d: int) -> bool:
-    """Compile and run both kernels once on a small input against the plain
-    path; on any failure (a GPU or Triton that cannot build them, a wrong
-    result) warn once and keep the plain path."""
-    try:
-        g = torch.Generator(device=device).manual_seed(0)
-        B, Hkv, R, n, k = 3, 2, 40, 150, 2
-        qg, lm, s_recent = (torch.randn(*shape, device=device, generator=g).to(dtype)
-                            for shape in ((B, Hkv, R, d), (Hkv, n, d), (B, Hkv, R, k)))
-        old_limit = torch.tensor([n, 70, 0], device=device)
-        missing = torch.tensor([[False, False], [False, False], [True, False]], device=device)
-        rows = torch.arange(R, device=device).expand(B, 1, R) >= 3
-        got = best_rows(qg, lm, s_recent.clone(), old_limit, missing, rows, d**0.5)
-        too_recent = torch.arange(n, device=device) >= old_limit[:, None]
-        want = plain_best_rows(qg @ lm.transpose(-1, -2), s_recent.clone(), too_recent, missing, rows, d**0.5)
-        for a, b in zip(got, want):
-            torch.testing.assert_close(a, b, atol=0.1, rtol=0.02)  # -inf where the plain path has it, too
-        return True
-    except Exception as e:  # noqa: BLE001 - any failure: the plain path is the reference
-        warnings.warn(f"fused landmark scoring unavailable, using the plain path: {e}")
-        return False
+            and qg.dtype in (torch.float16, torch.bfloat16, torch.float32))

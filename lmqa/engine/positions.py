@@ -36,11 +36,6 @@ def landmark_slot(recency: torch.Tensor, k: int) -> torch.Tensor:
     return torch.where((recency >= 0) & (recency < k), k - recency, torch.zeros_like(recency))
 
 
-def shared_slot_blocks(n_blocks: int, k: int) -> int:
-    """How many of n_blocks stored landmarks share slot 0 (all but the k most recent)."""
-    return max(n_blocks - k, 0)
-
-
 class RopeTables(NamedTuple):
     """cos/sin tables of one step, in the model's dtype."""
 
