@@ -24,19 +24,21 @@ python3 -c "import tarfile; tarfile.open('/root/stash/qa.tar.xz').extractall('/t
 log unpacked
 ROOT=$PWD
 cd $SRC  # python -m puts the working directory first on sys.path
-python3 -m pytest -q -p no:cacheprovider tests/test_fused_attention.py 2>&1 | tail -3
+[ -z "$SKIP_TESTS" ] && python3 -m pytest -q -p no:cacheprovider tests/test_fused_attention.py 2>&1 | tail -3
 log tested
 if [ -n "$BENCH" ]; then  # the training step per attention form, real model, this card
   python3 -m lmqa bench --train --device cuda --steps 3 > $OUT/bench_train.txt 2>&1; tail -8 $OUT/bench_train.txt
   log benched
 fi
-python3 -m lmqa train /tmp/books/train -o /tmp/tok --tokenize-only /tmp/data/train_tokens.safetensors 2>&1 | tail -1
 STDLIB=$(python3 -c "import sysconfig; print(sysconfig.get_paths()['stdlib'])")
 INIT=${INIT:-$ROOT/models/smollm2-135m-landmark}
 [ -f $ROOT/runs/init/adapter_model.safetensors ] && INIT=$ROOT/runs/init
 log "training from $INIT"
-python3 -m lmqa train /tmp/data/train_tokens.safetensors --code "$STDLIB" --qa-data /tmp/qa -o /tmp/run \
-  --init-adapter "$INIT" --context 2048 --batch-size 16 --lr ${LR:-3e-4} --steps ${STEPS:-800} \
+nvidia-smi --query-gpu=memory.used,memory.total --format=csv,noheader
+nvidia-smi --query-compute-apps=pid,used_memory --format=csv,noheader
+export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
+python3 -m lmqa train /tmp/books/train --code "$STDLIB" --qa-data /tmp/qa -o /tmp/run \
+  --init-adapter "$INIT" --context 2048 --batch-size ${BATCH:-16} --grad-accum ${ACCUM:-1} --lr ${LR:-3e-4} --steps ${STEPS:-800} \
   --max-minutes ${MINUTES:-6.5} --save-every 100 --seed ${SEED:-3} \
   ${TRAIN_ARGS:---real-qa-rate 0.5 --qa-rate 0.5 --synthetic-rate 0.5} > $OUT/train.log 2>&1
 log "trained (rc $?)"
