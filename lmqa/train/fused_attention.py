@@ -55,13 +55,13 @@ def supported(q: torch.Tensor, block_size: int) -> bool:
 if triton is not None:
 
     @triton.jit
-    def _inner(q, k, own, scale, S: tl.constexpr, ACC: tl.constexpr):
+    def _inner(q, k, own, scale, S: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr):
         """One key block seen from one query block: the inner softmax
         (normalised) and the block's outer logit, in base-2 units (scale
         carries log2(e) / sqrt(d))."""
         cols = tl.arange(0, S)
         rows = tl.arange(0, S)
-        s = tl.dot(q, tl.trans(k), out_dtype=ACC) * scale  # [S_q, S_k]
+        s = tl.dot(q, tl.trans(k), out_dtype=ACC, input_precision=PREC) * scale  # [S_q, S_k]
         is_lm = cols[None, :] == S - 1
         hidden = is_lm | (own & (cols[None, :] > rows[:, None]))
         s_in = tl.where(hidden, float("-inf"), s)
@@ -83,7 +83,7 @@ if triton is not None:
 
     @_tuned
     def _fwd_kernel(Q, K, V, O, LSE, sqb, sqh, sqt, skb, skh, skt, svb, svh, svt,
-                    H, GROUP, scale, S: tl.constexpr, D: tl.constexpr, ACC: tl.constexpr):
+                    H, GROUP, scale, S: tl.constexpr, D: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr):
         g = tl.program_id(0)
         bh = tl.program_id(1)
         b, h = bh // H, bh % H
@@ -99,8 +99,8 @@ if triton is not None:
         for blk in range(0, g + 1):
             k = tl.load(kbase + (blk * S + pos)[:, None] * skt + dd[None, :])
             v = tl.load(vbase + (blk * S + pos)[:, None] * svt + dd[None, :])
-            p, gate = _inner(q, k, blk == g, scale, S, ACC)
-            o_blk = tl.dot(p.to(v.dtype), v, out_dtype=ACC)
+            p, gate = _inner(q, k, blk == g, scale, S, ACC, PREC)
+            o_blk = tl.dot(p.to(v.dtype), v, out_dtype=ACC, input_precision=PREC)
             m_new = tl.maximum(m_o, gate)
             alpha = tl.exp2(m_o - m_new)
             beta = tl.exp2(gate - m_new)
@@ -112,14 +112,14 @@ if triton is not None:
         tl.store(LSE + bh * tl.num_programs(0) * S + g * S + pos, m_o + tl.log2(l_o))
 
     @triton.jit
-    def _block_grads(q, k, v, do, lse, delta, own, scale, S: tl.constexpr, ACC: tl.constexpr):
+    def _block_grads(q, k, v, do, lse, delta, own, scale, S: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr):
         """The token weights w and score gradients ds (natural units) of one key
         block for one query block (module docstring's backward)."""
         cols = tl.arange(0, S)
-        p, gate = _inner(q, k, own, scale, S, ACC)
+        p, gate = _inner(q, k, own, scale, S, ACC, PREC)
         outer = tl.exp2(gate - lse)  # P_ih
         w = p * outer[:, None]
-        dp = tl.dot(do, tl.trans(v), out_dtype=ACC)  # dO_i . v_j
+        dp = tl.dot(do, tl.trans(v), out_dtype=ACC, input_precision=PREC)  # dO_i . v_j
         e = tl.sum(p * dp, 1)  # E_ih
         ds = w * (dp - tl.where(own, delta, e)[:, None])
         is_lm = cols[None, :] == S - 1
@@ -129,7 +129,7 @@ if triton is not None:
 
     @_tuned
     def _bwd_kv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, sqb, sqh, sqt, skb, skh, skt, svb, svh, svt,
-                       H, HKV, GROUP, NB, scale, sm_scale, S: tl.constexpr, D: tl.constexpr, ACC: tl.constexpr):
+                       H, HKV, GROUP, NB, scale, sm_scale, S: tl.constexpr, D: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr):
         blk = tl.program_id(0)
         bh = tl.program_id(1)
         b, hk = bh // HKV, bh % HKV
@@ -148,15 +148,15 @@ if triton is not None:
                 q = tl.load(Q + qoffs)
                 do = tl.load(DO + qoffs)
                 row = (b * H + h) * NB * S + g * S + pos
-                w, ds = _block_grads(q, k, v, do, tl.load(LSE + row), tl.load(DELTA + row), g == blk, scale, S, ACC)
-                dv += tl.dot(tl.trans(w.to(do.dtype)), do, out_dtype=ACC)
-                dk += tl.dot(tl.trans(ds.to(q.dtype)), q, out_dtype=ACC)
+                w, ds = _block_grads(q, k, v, do, tl.load(LSE + row), tl.load(DELTA + row), g == blk, scale, S, ACC, PREC)
+                dv += tl.dot(tl.trans(w.to(do.dtype)), do, out_dtype=ACC, input_precision=PREC)
+                dk += tl.dot(tl.trans(ds.to(q.dtype)), q, out_dtype=ACC, input_precision=PREC)
         tl.store(DK + koffs, (dk * sm_scale).to(DK.dtype.element_ty))
         tl.store(DV + voffs, dv.to(DV.dtype.element_ty))
 
     @_tuned
     def _bwd_q_kernel(Q, K, V, DO, LSE, DELTA, DQ, sqb, sqh, sqt, skb, skh, skt, svb, svh, svt,
-                      H, GROUP, NB, scale, sm_scale, S: tl.constexpr, D: tl.constexpr, ACC: tl.constexpr):
+                      H, GROUP, NB, scale, sm_scale, S: tl.constexpr, D: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr):
         g = tl.program_id(0)
         bh = tl.program_id(1)
         b, h = bh // H, bh % H
@@ -173,13 +173,18 @@ if triton is not None:
         for blk in range(0, g + 1):
             k = tl.load(K + b * skb + hk * skh + (blk * S + pos)[:, None] * skt + dd[None, :])
             v = tl.load(V + b * svb + hk * svh + (blk * S + pos)[:, None] * svt + dd[None, :])
-            w, ds = _block_grads(q, k, v, do, lse, delta, blk == g, scale, S, ACC)
-            dq += tl.dot(ds.to(k.dtype), k, out_dtype=ACC)
+            w, ds = _block_grads(q, k, v, do, lse, delta, blk == g, scale, S, ACC, PREC)
+            dq += tl.dot(ds.to(k.dtype), k, out_dtype=ACC, input_precision=PREC)
         tl.store(DQ + qoffs, (dq * sm_scale).to(DQ.dtype.element_ty))
 
 
 def _acc_dtype(x: torch.Tensor):
     return tl.float64 if x.dtype == torch.float64 else tl.float32
+
+
+def _precision(x: torch.Tensor) -> str:
+    """float32 inputs multiply in full precision (tl.dot's default on Hopper is TF32)."""
+    return "ieee" if x.dtype in (torch.float32, torch.float64) else "tf32"
 
 
 def _strides(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple:
@@ -197,7 +202,7 @@ class _FusedGroupedAttention(torch.autograd.Function):
         lse = torch.empty(B * H * T, device=q.device, dtype=torch.float32 if q.dtype != torch.float64 else q.dtype)
         scale = LOG2_E / math.sqrt(d)
         _fwd_kernel[(NB, B * H)](q, k, v, o, lse, *_strides(q, k, v), H, H // Hkv, scale, S=S, D=d,
-                                 ACC=_acc_dtype(q))
+                                 ACC=_acc_dtype(q), PREC=_precision(q))
         ctx.save_for_backward(q, k, v, o, lse)
         ctx.S = S
         return o
@@ -216,9 +221,9 @@ class _FusedGroupedAttention(torch.autograd.Function):
         scale, sm_scale = LOG2_E / math.sqrt(d), 1.0 / math.sqrt(d)
         acc = _acc_dtype(q)
         _bwd_kv_kernel[(NB, B * Hkv)](q, k, v, do, lse, delta, dk, dv, *_strides(q, k, v), H, Hkv, H // Hkv, NB,
-                                      scale, sm_scale, S=S, D=d, ACC=acc)
+                                      scale, sm_scale, S=S, D=d, ACC=acc, PREC=_precision(q))
         _bwd_q_kernel[(NB, B * H)](q, k, v, do, lse, delta, dq, *_strides(q, k, v), H, H // Hkv, NB,
-                                   scale, sm_scale, S=S, D=d, ACC=acc)
+                                   scale, sm_scale, S=S, D=d, ACC=acc, PREC=_precision(q))
         return dq, dk, dv, None
 
 
