@@ -37,6 +37,8 @@ log "training from $INIT"
 nvidia-smi --query-gpu=memory.used,memory.total --format=csv,noheader
 nvidia-smi --query-compute-apps=pid,used_memory --format=csv,noheader
 export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
+FREE=$(nvidia-smi --query-gpu=memory.free --format=csv,noheader,nounits | head -1)
+if [ "${FREE:-0}" -lt 50000 ]; then BATCH=4; ACCUM=4; log "only $FREE MiB free: batch 4 x 4 accumulated"; fi
 python3 -m lmqa train /tmp/books/train --code "$STDLIB" --qa-data /tmp/qa -o /tmp/run \
   --init-adapter "$INIT" --context 2048 --batch-size ${BATCH:-16} --grad-accum ${ACCUM:-1} --lr ${LR:-3e-4} --steps ${STEPS:-800} \
   --max-minutes ${MINUTES:-6.5} --save-every 100 --seed ${SEED:-3} \
