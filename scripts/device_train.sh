@@ -45,6 +45,6 @@ python3 -m lmqa train /tmp/books/train --code "$STDLIB" --qa-data /tmp/qa -o /tm
   ${TRAIN_ARGS:---real-qa-rate 0.5 --qa-rate 0.5 --synthetic-rate 0.5} > $OUT/train.log 2>&1
 log "trained (rc $?)"
 tail -5 $OUT/train.log
-cp /tmp/run/runs.jsonl /tmp/run/losses.json /tmp/run/loss.png /tmp/run/adapter/ 2>/dev/null
+mkdir -p /tmp/run/adapter; cp /tmp/run/runs.jsonl /tmp/run/losses.json /tmp/run/loss.png /tmp/run/adapter/ 2>/dev/null
 tar -C /tmp/run -cf $OUT/adapter.tar adapter
 ls -la $OUT
