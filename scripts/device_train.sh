@@ -2,27 +2,14 @@
 # One part of a training run on a lent GPU, after scripts/device_prepare.sh here and a first
 # call that stashed part 1 of the GGUF and the QA data:
 #   run(command="mkdir -p /root/stash && cp .carry/p1 .carry/qa.tar.xz /root/stash/", carry=[".carry/p1", ".carry/qa.tar.xz"])
-#   run(command="BENCH=1 STEPS=800 MINUTES=6.5 bash scripts/device_train.sh", carry=[".carry/p2", ".carry/wheels", ".carry/train-books.tar.xz", "runs/init"])
+#   run(command="BENCH=1 STEPS=800 MINUTES=6.5 bash scripts/device_train.sh", carry=[".carry/p2", ".carry/wheels", ".carry/train-books.tar.xz", "runs/src", "runs/init"])
 # INIT: the adapter directory to start from (default: the shipped one; a previous part's
 # adapter travels in runs/init). Writes $OUT/adapter.tar (adapter, runs.jsonl, losses, plot)
 # and $OUT/train.log. Set TRAIN_ARGS to change the mix.
-export PYTHONUNBUFFERED=1 LMQA_CACHE=/root/lmqa-cache HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
-T0=$SECONDS
-log() { echo "[$((SECONDS - T0)) s] $*"; }
-unxz() { python3 -c "import lzma,shutil,sys; shutil.copyfileobj(lzma.open(sys.stdin.buffer), sys.stdout.buffer, 1 << 20)"; }
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
-python3 -m pip install -q --upgrade --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .carry/wheels/*.whl || exit 3
-# runs/src (git-ignored), if present, is a clean `git archive` of the commit to run, so edits in
-# progress in the working tree cannot break a call: git archive HEAD lmqa prompts tests/conftest.py
-# tests/test_fused_attention.py | tar -x -C runs/src
-SRC=$PWD; [ -d runs/src/lmqa ] && SRC=$PWD/runs/src
-export PYTHONPATH=$SRC:/tmp/site LMQA_MODELS=$PWD/models
-[ -f /root/stash/p1 ] || { echo "no stash"; exit 2; }
-mkdir -p $LMQA_CACHE/gguf /tmp/books /tmp/qa /tmp/data
-cat /root/stash/p1 .carry/p2 | unxz > $LMQA_CACHE/gguf/SmolLM2-135M-Instruct.Q4_1.gguf || exit 4
+source scripts/device_setup.sh
+mkdir -p /tmp/books /tmp/qa
 python3 -c "import tarfile; tarfile.open('/root/stash/qa.tar.xz').extractall('/tmp/qa'); tarfile.open('.carry/train-books.tar.xz').extractall('/tmp/books')" || exit 5
 log unpacked
-ROOT=$PWD
 cd $SRC  # python -m puts the working directory first on sys.path
 [ -z "$SKIP_TESTS" ] && python3 -m pytest -q -p no:cacheprovider tests/test_fused_attention.py 2>&1 | tail -3
 log tested

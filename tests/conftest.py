@@ -148,3 +148,17 @@ def chat_model_dir(tiny_tokenizer_dir, tmp_path_factory):
     tok_dir = tmp_path_factory.mktemp("chat-tokenizer")
     tok.save_pretrained(tok_dir)
     return save_tiny_model_dir(tmp_path_factory.mktemp("chat-model"), tok_dir, seed=2)
+
+
+def run_in_triton_interpreter(test_file: str, min_passed: int) -> None:
+    """Run test_file again in a child process with TRITON_INTERPRET=1 set from
+    the start (Triton picks its interpreter when a kernel is defined, on
+    import), and check that at least min_passed of its tests passed there."""
+    import re
+    import subprocess
+
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    res = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", test_file],
+                         cwd=Path(__file__).parent.parent, env=env, capture_output=True, text=True, timeout=600)
+    passed = re.search(r"(\d+) passed", res.stdout)
+    assert res.returncode == 0 and passed and int(passed[1]) >= min_passed, res.stdout[-6000:] + res.stderr[-3000:]

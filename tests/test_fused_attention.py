@@ -12,10 +12,6 @@ from __future__ import annotations
 
 import math
 import os
-import re
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -24,6 +20,8 @@ triton = pytest.importorskip("triton")
 
 from lmqa.engine.grouped_attention import reference_grouped_attention, sequence_grouped_attention  # noqa: E402
 from lmqa.train.fused_attention import fused_sequence_attention, supported  # noqa: E402
+
+from conftest import run_in_triton_interpreter  # noqa: E402
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 in_child = pytest.mark.skipif(not INTERPRETED, reason="runs in test_in_triton_interpreter's child process")
@@ -35,11 +33,7 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GP
 @pytest.mark.skipif(tuple(int(x) for x in triton.__version__.split(".")[:2]) < (3, 8),
                     reason="older Triton interpreters cannot take a loaded scalar as a loop bound under NumPy 2")
 def test_in_triton_interpreter():
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    res = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__],
-                         cwd=Path(__file__).parent.parent, env=env, capture_output=True, text=True, timeout=600)
-    passed = re.search(r"(\d+) passed", res.stdout)
-    assert res.returncode == 0 and passed and int(passed[1]) >= 5, res.stdout[-6000:] + res.stderr[-3000:]
+    run_in_triton_interpreter(__file__, min_passed=5)
 
 
 def dense_reference(q, k, v, block_size):

@@ -13,10 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import re
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -32,7 +28,7 @@ from lmqa.engine.landmark_engine import LandmarkEngine  # noqa: E402
 from lmqa.engine.landmarks import LandmarkConfig  # noqa: E402
 from lmqa.engine.retrieval import top_blocks  # noqa: E402
 
-from conftest import make_tiny_llama  # noqa: E402
+from conftest import make_tiny_llama, run_in_triton_interpreter  # noqa: E402
 
 # interpreter-sized tiles (tl.dot's smallest); the GPU defaults would make each program a large numpy op
 SMALL = landmark_scoring.Tiles(rows=16, blocks=16, warps=4, stages=1)
@@ -49,11 +45,7 @@ DEVICES = [pytest.param("cpu", marks=in_child), pytest.param("cuda", marks=[pyte
 @pytest.mark.skipif(tuple(int(x) for x in triton.__version__.split(".")[:2]) < (3, 8),
                     reason="older Triton interpreters cannot take a loaded scalar as a loop bound under NumPy 2")
 def test_in_triton_interpreter():
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    res = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__],
-                         cwd=Path(__file__).parent.parent, env=env, capture_output=True, text=True, timeout=600)
-    passed = re.search(r"(\d+) passed", res.stdout)
-    assert res.returncode == 0 and passed and int(passed[1]) >= 10, res.stdout[-6000:] + res.stderr[-3000:]
+    run_in_triton_interpreter(__file__, min_passed=10)
 
 
 def test_not_used_on_cpu():

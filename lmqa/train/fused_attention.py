@@ -81,24 +81,24 @@ if triton is not None:
         configs = [triton.Config({}, num_warps=w, num_stages=n) for w in (4, 8) for n in (2, 3)]
         return triton.autotune(configs, key=["S", "D"])(triton.jit(kernel))
 
+    @triton.jit
+    def _block(b, h, sb, sh, st, blk, S: tl.constexpr, D: tl.constexpr):
+        """Offsets of block blk's S positions x D of head h in batch b."""
+        return b * sb + h * sh + (blk * S + tl.arange(0, S))[:, None] * st + tl.arange(0, D)[None, :]
+
     @_tuned
     def _fwd_kernel(Q, K, V, O, LSE, sqb, sqh, sqt, skb, skh, skt, svb, svh, svt,
                     H, GROUP, scale, S: tl.constexpr, D: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr):
-        g = tl.program_id(0)
-        bh = tl.program_id(1)
+        g, bh = tl.program_id(0), tl.program_id(1)  # query block, (batch, head)
         b, h = bh // H, bh % H
-        hk = h // GROUP
-        pos = tl.arange(0, S)
-        dd = tl.arange(0, D)
-        q = tl.load(Q + b * sqb + h * sqh + (g * S + pos)[:, None] * sqt + dd[None, :])
-        kbase = K + b * skb + hk * skh
-        vbase = V + b * svb + hk * svh
+        qoffs = _block(b, h, sqb, sqh, sqt, g, S, D)
+        q = tl.load(Q + qoffs)
         m_o = tl.full([S], float("-inf"), ACC)
         l_o = tl.zeros([S], ACC)
         acc = tl.zeros([S, D], ACC)
         for blk in range(0, g + 1):
-            k = tl.load(kbase + (blk * S + pos)[:, None] * skt + dd[None, :])
-            v = tl.load(vbase + (blk * S + pos)[:, None] * svt + dd[None, :])
+            k = tl.load(K + _block(b, h // GROUP, skb, skh, skt, blk, S, D))
+            v = tl.load(V + _block(b, h // GROUP, svb, svh, svt, blk, S, D))
             p, gate = _inner(q, k, blk == g, scale, S, ACC, PREC)
             o_blk = tl.dot(p.to(v.dtype), v, out_dtype=ACC, input_precision=PREC)
             m_new = tl.maximum(m_o, gate)
@@ -107,9 +107,8 @@ if triton is not None:
             acc = acc * alpha[:, None] + o_blk * beta[:, None]
             l_o = l_o * alpha + beta
             m_o = m_new
-        out = acc / l_o[:, None]
-        tl.store(O + b * sqb + h * sqh + (g * S + pos)[:, None] * sqt + dd[None, :], out.to(O.dtype.element_ty))
-        tl.store(LSE + bh * tl.num_programs(0) * S + g * S + pos, m_o + tl.log2(l_o))
+        tl.store(O + qoffs, (acc / l_o[:, None]).to(O.dtype.element_ty))
+        tl.store(LSE + (bh * tl.num_programs(0) + g) * S + tl.arange(0, S), m_o + tl.log2(l_o))
 
     @triton.jit
     def _block_grads(q, k, v, do, lse, delta, own, scale, S: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr):
@@ -130,13 +129,10 @@ if triton is not None:
     @_tuned
     def _bwd_kv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, sqb, sqh, sqt, skb, skh, skt, svb, svh, svt,
                        H, HKV, GROUP, NB, scale, sm_scale, S: tl.constexpr, D: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr):
-        blk = tl.program_id(0)
-        bh = tl.program_id(1)
+        blk, bh = tl.program_id(0), tl.program_id(1)  # key block, (batch, key/value head)
         b, hk = bh // HKV, bh % HKV
-        pos = tl.arange(0, S)
-        dd = tl.arange(0, D)
-        koffs = b * skb + hk * skh + (blk * S + pos)[:, None] * skt + dd[None, :]
-        voffs = b * svb + hk * svh + (blk * S + pos)[:, None] * svt + dd[None, :]
+        koffs = _block(b, hk, skb, skh, skt, blk, S, D)
+        voffs = _block(b, hk, svb, svh, svt, blk, S, D)
         k = tl.load(K + koffs)
         v = tl.load(V + voffs)
         dk = tl.zeros([S, D], ACC)
@@ -144,10 +140,10 @@ if triton is not None:
         for j in range(0, GROUP):
             h = hk * GROUP + j
             for g in range(blk, NB):
-                qoffs = b * sqb + h * sqh + (g * S + pos)[:, None] * sqt + dd[None, :]
+                qoffs = _block(b, h, sqb, sqh, sqt, g, S, D)
                 q = tl.load(Q + qoffs)
                 do = tl.load(DO + qoffs)
-                row = (b * H + h) * NB * S + g * S + pos
+                row = ((b * H + h) * NB + g) * S + tl.arange(0, S)
                 w, ds = _block_grads(q, k, v, do, tl.load(LSE + row), tl.load(DELTA + row), g == blk, scale, S, ACC, PREC)
                 dv += tl.dot(tl.trans(w.to(do.dtype)), do, out_dtype=ACC, input_precision=PREC)
                 dk += tl.dot(tl.trans(ds.to(q.dtype)), q, out_dtype=ACC, input_precision=PREC)
@@ -157,22 +153,18 @@ if triton is not None:
     @_tuned
     def _bwd_q_kernel(Q, K, V, DO, LSE, DELTA, DQ, sqb, sqh, sqt, skb, skh, skt, svb, svh, svt,
                       H, GROUP, NB, scale, sm_scale, S: tl.constexpr, D: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr):
-        g = tl.program_id(0)
-        bh = tl.program_id(1)
+        g, bh = tl.program_id(0), tl.program_id(1)  # query block, (batch, head)
         b, h = bh // H, bh % H
-        hk = h // GROUP
-        pos = tl.arange(0, S)
-        dd = tl.arange(0, D)
-        qoffs = b * sqb + h * sqh + (g * S + pos)[:, None] * sqt + dd[None, :]
+        qoffs = _block(b, h, sqb, sqh, sqt, g, S, D)
         q = tl.load(Q + qoffs)
         do = tl.load(DO + qoffs)
-        row = bh * NB * S + g * S + pos
+        row = (bh * NB + g) * S + tl.arange(0, S)
         lse = tl.load(LSE + row)
         delta = tl.load(DELTA + row)
         dq = tl.zeros([S, D], ACC)
         for blk in range(0, g + 1):
-            k = tl.load(K + b * skb + hk * skh + (blk * S + pos)[:, None] * skt + dd[None, :])
-            v = tl.load(V + b * svb + hk * svh + (blk * S + pos)[:, None] * svt + dd[None, :])
+            k = tl.load(K + _block(b, h // GROUP, skb, skh, skt, blk, S, D))
+            v = tl.load(V + _block(b, h // GROUP, svb, svh, svt, blk, S, D))
             w, ds = _block_grads(q, k, v, do, lse, delta, blk == g, scale, S, ACC, PREC)
             dq += tl.dot(ds.to(k.dtype), k, out_dtype=ACC, input_precision=PREC)
         tl.store(DQ + qoffs, (dq * sm_scale).to(DQ.dtype.element_ty))
