@@ -160,7 +160,7 @@ def _recording(fn, log):
 def test_retrieved_block_ids_valid(model, monkeypatch):
     """Per step, layer and kv head: r = min(k, stored) ids, in range, sorted,
     unique, after k - r missing ones (-1, score 0)."""
-    import lmqa.engine.landmark_engine as eng
+    import lmqa.engine.step as eng
 
     b, k = 3, 3
     engine = make_engine(model, b, top_k=k, chunk=2 * (b + 1))
@@ -179,12 +179,14 @@ def test_retrieved_block_ids_valid(model, monkeypatch):
         engine.feed([t])
     assert len(seen) > 10
     layers = len(model.model.layers)
-    assert len(seen) == layers * len(engine.trace.steps)
+    assert len([s for s in seen if s[0]]) == layers * len(engine.trace.steps)  # the steps after a block is stored
     for n_stored, ids_k, scores_k in seen:
         r = min(k, n_stored)
         assert ids_k.shape == scores_k.shape == (engine.n_kv, k)
         assert (ids_k[:, : k - r] == -1).all() and (scores_k[:, : k - r] == 0).all()
         ids_r, scores_r = ids_k[:, k - r :], scores_k[:, k - r :]
+        if not r:
+            continue
         assert ids_r.min() >= 0 and ids_r.max() < n_stored
         assert (ids_r[:, 1:] > ids_r[:, :-1]).all()  # strictly increasing: sorted and unique
         assert ((scores_r >= 0) & (scores_r <= 1)).all()
@@ -307,7 +309,7 @@ def test_memory_accounting(model):
 
 # ----- positions (method page, section 3.2.1) -----
 # where the engine's step rotates queries, retrieved blocks and window keys (and calls select_blocks)
-STEP_MODULE = "lmqa.engine.landmark_engine"
+STEP_MODULE = "lmqa.engine.step"
 
 
 class RotaryRecorder:
@@ -332,9 +334,9 @@ class RotaryRecorder:
 
         real_select = step.select_blocks
 
-        def select(queries, landmarks, n_before, *args, **kw):
+        def select(queries, landmarks, n_before, k, slots, like_first, rows, *args):
             self.calls.append(("select", n_before[0]))
-            return real_select(queries, landmarks, n_before, *args, **kw)
+            return real_select(queries, landmarks, n_before, k, slots, like_first, rows, *args)
 
         for module in (step, retrieval):
             monkeypatch.setattr(module, "rotate", spy)
@@ -358,12 +360,13 @@ class RotaryRecorder:
     def steps(self):
         """Per (step, layer): dict with window key positions, query positions,
         landmark scoring positions [n] and retrieved block positions [r, S].
-        A layer rotates its queries [1, H, T, d] first; if it retrieves, it
-        selects blocks (rotating every landmark key [Hkv, n', d] to slot 0,
-        then its r most recent of the n before the step [Hkv, r, d] to theirs)
-        and rotates the retrieved blocks [Hkv, r, S, d]; last, its window
-        [Hkv, n_win, S, d] (padded to whole blocks: cut here after the last
-        query)."""
+        A layer rotates its queries [H, T, d] first; then it selects blocks
+        (rotating every landmark key [Hkv, n', d] to slot 0, then the r most
+        recent of the n before the step [Hkv, r, d] to theirs); if it
+        retrieves, it rotates its k block slots [1, Hkv, k, S, d], of which
+        the last r hold retrieved blocks; last, its window
+        [1, Hkv, n_win, S, d] (padded to whole blocks: cut here after the
+        last query)."""
         e = self.engine
         out = []
         for call in self.calls:
@@ -372,23 +375,23 @@ class RotaryRecorder:
                 continue
             shape, cos, sin, rotated = call
             pos = self.positions(cos, sin)
-            if len(shape) == 4 and shape[1] == e.n_heads and shape[0] == 1:  # queries: a new layer
-                out.append({"queries": pos.reshape(-1), "queries_rot": rotated})
+            n = out[-1].get("n", 0) if out else 0
+            if len(shape) == 3 and shape[0] == e.n_heads:  # queries: a new layer
+                out.append({"queries": pos.reshape(-1), "queries_rot": rotated[None]})
+            elif len(shape) == 3 and not n:  # no landmark to score
+                continue
             elif len(shape) == 3 and "landmarks" not in out[-1]:  # every landmark key at slot 0
-                n = out[-1]["n"]
                 out[-1]["landmarks"] = pos.expand(n).clone()
                 out[-1]["landmarks_rot"] = rotated[:, :n].clone()
             elif len(shape) == 3:  # the r most recent at their slots
                 r = shape[1]
                 out[-1]["landmarks"][-r:] = pos
                 out[-1]["landmarks_rot"][:, -r:] = rotated
-            else:  # retrieved blocks, then the window: [Hkv, r, S, d]
-                if "window" in out[-1]:
-                    out[-1]["blocks"] = out[-1]["window"]
-                out[-1]["window"] = pos
-        for s in out:
-            window = s["window"].reshape(-1)
-            s["window"] = window[: int((window == s["queries"][-1]).nonzero()[0]) + 1]
+            elif n and "blocks" not in out[-1]:  # the k block slots [k, S]: the last r retrieved
+                out[-1]["blocks"] = pos[-min(n, shape[2]) :]
+            else:  # the window [n_win, S]
+                window = pos.reshape(-1)
+                out[-1]["window"] = window[: int((window == out[-1]["queries"][-1]).nonzero()[0]) + 1]
         return out
 
 

@@ -64,7 +64,10 @@ def state(engine, name: str) -> dict[str, torch.Tensor]:
         out[f"{name}.trace.{i}.scores"] = s.scores.cpu().contiguous()
     for li, store in enumerate(engine.stores):
         for part, tensors in store.export().items():
-            out[f"{name}.layer{li}.{part}.sha256"] = digest(torch.cat(tensors))
+            if name.startswith("tiny_budget"):  # small, and compared within a tolerance (CHANGED)
+                out[f"{name}.layer{li}.{part}"] = torch.cat(tensors).cpu().contiguous()
+            else:
+                out[f"{name}.layer{li}.{part}.sha256"] = digest(torch.cat(tensors))
     for li, (k, v) in enumerate(zip(engine.open.keys, engine.open.values)):
         out[f"{name}.layer{li}.open_keys"] = k.cpu().clone()
         out[f"{name}.layer{li}.open_values"] = v.cpu().clone()
@@ -100,7 +103,7 @@ def fixed_shape_decoder(engine):
     """The CUDA graph decoder's step, run eagerly (the CPU form of the captured graph)."""
     from lmqa.engine.graph_decode import GraphDecoder
 
-    engine.decoder = GraphDecoder(engine, capture=False)
+    engine.decoder = GraphDecoder(engine.model, engine.config, capture=False)
     return engine
 
 
@@ -154,6 +157,9 @@ CHANGED = [
     (r"(gpu_settings|tiny_budget)\..*\.trace\.\d+\.scores", 1e-6,
      "block scores: one rule for every step (retrieval.block_probs): the batched form sums probabilities "
      "where it summed log-probabilities, and token steps tile query rows by the budget as prefill does"),
+    (r"tiny_budget\..*\.(every|layer[1-9]\.(keys|values|landmark_keys))", 1e-5,
+     "one landmark step (step.landmark_layer): serial steps tile projections by budget.row_tile as layer-major "
+     "ones do; only a row tile below a chunk's length (7 here; 2,048 or more in real budgets) shows it"),
 ]
 
 

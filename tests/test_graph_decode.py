@@ -21,7 +21,7 @@ def pair(model, capture: bool, b=4, k=3, chunk=15):
     ref = engine(model, "serial", b, k, chunk, offload="device")
     ref.decoder = None
     fast = engine(model, "serial", b, k, chunk, offload="device")
-    fast.decoder = GraphDecoder(fast, capture=capture)
+    fast.decoder = GraphDecoder(fast.model, fast.config, capture=capture)
     return ref, fast
 
 
@@ -43,7 +43,7 @@ def run_and_compare(model, capture: bool):
     assert logit_diff(ref.feed(ids[:200]).cpu(), fast.feed(ids[:200]).cpu()) <= TOL
     steps = []
     real = fast.decoder.step
-    fast.decoder.step = lambda t: steps.append(t) or real(t)
+    fast.decoder.step = lambda t, *rest: steps.append(t) or real(t, *rest)
     if decode_both(ref, fast, ids[200:260]):  # 60 tokens: 45 graph steps, 15 that close a block (eager)
         assert_same_state(ref, fast)
         assert len(steps) == 45
@@ -101,7 +101,7 @@ def test_set_top_k_changes_what_decode_retrieves(device):
         assert e.config.top_k == 5
     seen, steps = len(fast.trace.steps), []
     real = fast.decoder.step
-    fast.decoder.step = lambda t: steps.append(t) or real(t)
+    fast.decoder.step = lambda t, *rest: steps.append(t) or real(t, *rest)
     decode_both(ref, fast, ids[202:240])  # compares logits up to a retrieval tie, if any
     assert steps, "no step went through the decoder"
     assert all(s.block_ids.shape[-1] == 5 for e in (ref, fast) for s in e.trace.steps[seen:])
@@ -113,10 +113,10 @@ def test_decoder_steps_aside_for_block_closing_and_host_blocks():
     model = make_tiny_llama(vocab=128, hidden=48, heads=6, kv_heads=2, layers=2, seed=0)
     _, fast = pair(model, capture=False)
     fast.feed(random_ids(100, seed=2))
-    assert fast.decoder.can_step([5])
-    assert not fast.decoder.can_step([5, 127])  # the token closes its block: eager
+    assert fast.decoder.can_step([5], fast.caches)
+    assert not fast.decoder.can_step([5, 127], fast.caches)  # the token closes its block: eager
     fast.move_blocks("cpu")
-    assert not fast.decoder.can_step([5])
+    assert not fast.decoder.can_step([5], fast.caches)
 
 
 @pytest.mark.cuda

@@ -1,4 +1,4 @@
-"""Layer-major prefill (lmqa/engine/layer_prefill.py) against the chunk-serial engine.
+"""Layer-major prefill (step.landmark_layer over all the chunks of a super-chunk) against the chunk-serial engine.
 
 The serial engine is the reference (tests/test_engine.py checks it against the
 training-form forward), so here both paths must retrieve the same blocks,

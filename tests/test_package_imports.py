@@ -17,13 +17,6 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent / "lmqa"
 
-# The one circle left, the engine's own, until the engine's rework lands (issue 32,
-# "one landmark step"): landmark_engine imports layer_prefill and graph_decode, which
-# import LandmarkEngine back for their types. Delete these edges with that change
-# (test_known_engine_circle_is_still_there says when).
-KNOWN = {("lmqa.engine.layer_prefill", "lmqa.engine.landmark_engine"),
-         ("lmqa.engine.graph_decode", "lmqa.engine.landmark_engine")}
-
 
 def module_name(path: Path, root: Path = ROOT) -> str:
     """lmqa/qa/session.py -> lmqa.qa.session; lmqa/qa/__init__.py -> lmqa.qa."""
@@ -120,12 +113,4 @@ def test_circles(graph, found):
 def test_no_import_circle_among_lmqa_modules():
     graph = import_graph()
     assert {"lmqa.cli", "lmqa.serve.command", "lmqa.qa.session", "lmqa.model.loading"} <= set(graph)
-    for module, dependency in KNOWN:
-        graph[module].discard(dependency)
     assert circles(graph) == []
-
-
-def test_known_engine_circle_is_still_there():
-    """Fails once the engine no longer needs the exception: then delete KNOWN."""
-    graph = import_graph()
-    assert [edge for edge in sorted(KNOWN) if edge[1] not in graph[edge[0]]] == []

@@ -98,10 +98,18 @@ class LandmarkCache:
         """Add new tokens' keys/values [T, Hkv, d] (landmarks included, in
         stream order) after the open block; return the window: the open block
         and the new tokens cut into whole blocks [n, Hkv, S, d], the last one
-        padded with zeros. The blocks the new tokens close go to the store;
-        what follows the last of them becomes the open block."""
+        padded. The blocks the new tokens close go to the store; what follows
+        the last of them becomes the open block. Padding slots are zeros, or,
+        when the tokens close no block (the window is then the open block's
+        buffers themselves), whatever an earlier block left there: a step's
+        causal mask hides every slot after its last query from all of them."""
         S = self.slot
         p, T = self.open_len, keys.shape[0]
+        if p + T < S:
+            self.open_keys[:, p : p + T] = keys.transpose(0, 1)
+            self.open_values[:, p : p + T] = values.transpose(0, 1)
+            self.open_len = p + T
+            return self.open_keys[None], self.open_values[None]
         n = -(-(p + T) // S)
         closed, tail = divmod(p + T, S)
         window = []
@@ -111,8 +119,7 @@ class LandmarkCache:
             flat[p : p + T] = new
             window.append(flat.view(n, S, *new.shape[1:]).transpose(1, 2))  # [n, Hkv, S, d]
         win_k, win_v = window
-        if closed:
-            self.store.append(win_k[:closed], win_v[:closed])
+        self.store.append(win_k[:closed], win_v[:closed])
         if tail:
             self.open_keys[:, :tail] = win_k[closed, :, :tail]
             self.open_values[:, :tail] = win_v[closed, :, :tail]

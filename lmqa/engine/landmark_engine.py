@@ -1,9 +1,12 @@
 """Landmark inference engine: chunked prefill and token-by-token decoding with
 per-head top-k block retrieval (method page, section 3).
 
-We run our own layer loop over a transformers LlamaForCausalLM and call its
-submodules (norms, projections, MLP), so bitsandbytes layers and peft adapters
-work unchanged; only attention is ours.
+The engine is the model, one LandmarkCache per layer (cache.py), the token
+count and the retrieval trace. A feed is planned (plan.py: the serial loop's
+chunks, super-chunks of them for a layer-major pass) and each step runs the
+one landmark step, step.landmark_layer, over every layer; token steps on
+CUDA replay it as a graph (graph_decode.py). The engine alone writes its
+count and trace; the step writes only the caches it is given.
 
 Where keys and queries sit (section 3.2.1) is positions.py's rule; how
 blocks are chosen and what was read, retrieval.py's.
@@ -15,18 +18,16 @@ from dataclasses import replace
 from typing import NamedTuple
 
 import torch
-import torch.nn.functional as F
 
 from .block_store import LayerBlockStore
 from .cache import CacheMark, LandmarkCache
 from .graph_decode import GraphDecoder
-from .grouped_attention import blockwise_grouped_attention, grouped_attention_inference
 from .landmarks import LandmarkConfig, forbid_landmark, insert_landmarks
-from .layer_prefill import feed as layer_major_feed
 from .offload import AutoOffload
-from .plan import PrefillBudget
-from .positions import RopeTables, rotate
-from .retrieval import RetrievalStep, RetrievalTrace, select_blocks
+from .plan import Chunk, PrefillBudget, plan_chunks, super_chunks
+from .positions import RopeTables
+from .retrieval import RetrievalStep, RetrievalTrace
+from .step import Kernels, StepPlan, landmark_layer
 
 
 class Mark(NamedTuple):
@@ -62,9 +63,11 @@ class LandmarkEngine:
         in the model's dtype.
 
         offload: "cpu", "device" or "auto" (offload.py; max_device_bytes is
-        its budget). prefill: how multi-token feeds run: "layer" (layer-major,
-        layer_prefill.py) or "serial" (chunk by chunk through every layer: the
-        reference, and the path any feed shorter than a prefill chunk takes)."""
+        its budget). prefill: how multi-token feeds run: "layer" (layer-major:
+        each layer for all the chunks of a super-chunk, then the next layer)
+        or "serial" (chunk by chunk through every layer: the reference, and
+        the path any feed shorter than a prefill chunk takes). Both run
+        step.landmark_layer; they differ in its plan and attention kernels."""
         self.set_prefill(prefill)
         self.model = model
         self._config = config
@@ -80,11 +83,10 @@ class LandmarkEngine:
         self.auto_offload = AutoOffload(self.device, max_device_bytes) if offload == "auto" else None
         self._offload = self.auto_offload.initial if self.auto_offload else offload
         self.prefill_budget = PrefillBudget.for_device(self.device, small=offload == "cpu")
-        self.tile = 1  # query blocks per attention tile
         self.trace = RetrievalTrace()
         self.reset()
         # token steps on CUDA replay a captured graph (graph_decode.py)
-        self.decoder = GraphDecoder(self) if self.device.type == "cuda" else None
+        self.decoder = GraphDecoder(model, config) if self.device.type == "cuda" else None
 
     # ----- settings -----
     @property
@@ -114,7 +116,7 @@ class LandmarkEngine:
             raise ValueError(f"top_k must be at least 1, not {k}")
         self._config = replace(self._config, top_k=k)
         if self.decoder is not None:
-            self.decoder = GraphDecoder(self, capture=self.decoder.capture)
+            self.decoder = GraphDecoder(self.model, self._config, capture=self.decoder.capture)
 
     def set_prefill(self, prefill: str) -> None:
         """How multi-token feeds run from now on: "layer" or "serial" (see __init__)."""
@@ -233,15 +235,10 @@ class LandmarkEngine:
             raise ValueError("nothing to feed")
         if self.auto_offload is not None:
             self.auto_offload.before_feed(self, len(ids))
-        # Shorter than a prefill chunk (a question, a chat turn), a feed is one
-        # chunk either way: serially, it skips compiling layer-major kernels on CUDA.
-        # Only the serial step records evidence or returns every position's logits.
-        if self.prefill == "layer" and len(ids) >= self.config.prefill_chunk and not every and self._evidence is None:
-            return layer_major_feed(self, ids, progress)
         cfg = self.config
         stream = insert_landmarks(ids, cfg.block_size, cfg.landmark_id, filled=self.open_len)
-        if self.decoder is not None and self.decoder.can_step(stream):
-            out = self.decoder.step(stream[0])
+        if self.decoder is not None and self.decoder.can_step(stream, self.caches):
+            out = self.decoder.step(stream[0], self.caches, self.prefill_budget)
             if out is not None:
                 logits, ids, scores, slot_probs = out
                 for cache in self.caches:
@@ -258,85 +255,71 @@ class LandmarkEngine:
         # The stream's last ordinary token is the one whose logits we return;
         # a landmark closing its block may follow it and is causal-invisible to it.
         last_ordinary = len(stream) - 1 - (stream[-1] == cfg.landmark_id)
+        chunks = plan_chunks(len(stream), self.open_len, cfg.prefill_chunk, cfg.slot)
+        # Shorter than a prefill chunk (a question, a chat turn), a feed is one
+        # chunk either way: serially, it skips compiling layer-major kernels on CUDA.
+        # Only the serial steps record evidence or return every position's logits.
+        layer_major = self.prefill == "layer" and len(ids) >= cfg.prefill_chunk and not every and self._evidence is None
+        steps = super_chunks(chunks, self.prefill_budget.positions) if layer_major else [[c] for c in chunks]
         logits, outs = None, []
-        start = 0
-        while start < len(stream):
-            room = cfg.prefill_chunk - self.open_len
-            piece = stream[start : start + max(room, 1)]
+        for run in steps:
+            lo, hi = run[0].start, run[-1].start + run[-1].length
+            piece = stream[lo:hi]
             if every:
                 want = [i for i, t in enumerate(piece) if t != cfg.landmark_id] or None
             else:
-                want = last_ordinary - start if start <= last_ordinary < start + len(piece) else None
-            out = self._step(piece, want)
+                want = last_ordinary - lo if lo <= last_ordinary < hi else None
+            out = self._step(piece, run, want, not layer_major, progress if layer_major else None)
             if out is not None:
                 logits = out
                 outs.append(out)
-            start += len(piece)
-            if progress is not None:
+            if progress is not None and not layer_major:
                 progress(len(piece))
         return torch.cat(outs) if every else logits
 
-    def _step(self, piece: list[int], logits_at: int | list[int] | None) -> torch.Tensor | None:
+    def _step(self, piece: list[int], chunks: list[Chunk], logits_at: int | list[int] | None, reference: bool,
+              progress=None) -> torch.Tensor | None:
+        """One step: the chunks of piece (stream positions, landmarks
+        included) through every layer (step.landmark_layer), layer by layer;
+        reference: the serial engine's attention (float32 matmuls, evidence
+        recorded if asked); progress: told each layer's share of the
+        positions. Returns the logits after position logits_at (an int or a
+        list of them), or None."""
         cfg = self.config
-        S, k = cfg.slot, cfg.top_k
-        ids = torch.tensor(piece, device=self.device)[None]
-        T, p = ids.shape[1], self.open_len
-        W = p + T
-        n_win_blocks = -(-W // S)
-        h = self.llama.embed_tokens(ids)
-        rope = RopeTables.build(self.llama.rotary_emb, h, self.dtype, cfg, n_win_blocks * S)
-        cos_w, sin_w = rope.window
-        win_valid = (torch.arange(n_win_blocks * S, device=self.device) < W).view(n_win_blocks, S)
-        q_idx = torch.arange(p, W, device=self.device)
-        n_before = self.n_blocks
-        r = min(k, n_before)
+        plan = StepPlan(chunks, len(piece), self.open_len, self.n_blocks, cfg.block_size, cfg.top_k, self.device)
+        h = self.llama.embed_tokens(torch.tensor(piece, device=self.device))  # [N, D]
+        rope = RopeTables.build(self.llama.rotary_emb, h, self.dtype, cfg, plan.W)
+        kernels = Kernels(self.prefill_budget, reference)
         # Evidence (set for short feeds only: a question, answer tokens): every ordinary token's query.
-        evidence_rows = [i for i, t in enumerate(piece) if t != cfg.landmark_id] if self._evidence is not None else []
-
-        step_ids, step_scores = [], []
-        for layer, cache in zip(self.llama.layers, self.caches):
-            attn = layer.self_attn
-            x = layer.input_layernorm(h)
-            q = attn.q_proj(x).view(1, T, self.n_heads, self.head_dim).transpose(1, 2).to(self.dtype)
-            kk = attn.k_proj(x).view(T, self.n_kv, self.head_dim).to(self.dtype)
-            vv = attn.v_proj(x).view(T, self.n_kv, self.head_dim).to(self.dtype)
-            win_k, win_v = cache.update_and_fetch(kk, vv)  # [n_win_blocks, Hkv, S, d]
-            q = rotate(q, cos_w[p:W], sin_w[p:W])
-
-            if r:
-                ids_r, scores_r = (t[0, :, k - r :] for t in select_blocks(
-                    q, cache.landmark_keys(), [n_before], k, rope.landmarks, cache.like_first(),
-                    budget=self.prefill_budget))
-                rk, rv, rlm = cache.gather(ids_r)  # [Hkv, r, b, d], [Hkv, r, d]
-                blocks_k = torch.cat([rk, rlm[:, :, None]], dim=2)
-                blocks_v = F.pad(rv, (0, 0, 0, 1))
-                blocks_k = rotate(blocks_k, *rope.retrieved(r))
-                step_ids.append(ids_r)
-                step_scores.append(scores_r)
-            else:
-                blocks_k = blocks_v = win_k.new_zeros(self.n_kv, 0, S, self.head_dim)
-            wk = rotate(win_k.transpose(0, 1), cos_w.view(n_win_blocks, S, -1), sin_w.view(n_win_blocks, S, -1))
-            keys = torch.cat([blocks_k, wk], dim=1)[None]
-            values = torch.cat([blocks_v, win_v.transpose(0, 1)], dim=1)[None]
-            valid = torch.cat([torch.ones(r, S, dtype=torch.bool, device=self.device), win_valid])
-            if evidence_rows:
-                out, probs = grouped_attention_inference(q, keys, values, r + q_idx // S, q_idx % S, valid,
-                                                         slot_probs=True)
-                # the retrieved blocks, then the window's, from the open block on
-                read = torch.arange(n_before, n_before + n_win_blocks, device=self.device).expand(self.n_kv, -1)
-                probs = probs[0].unflatten(1, (-1, T))[:, :, evidence_rows].flatten(1, 2)  # [Hkv, G * rows, N, S]
-                self._evidence.add(torch.cat([ids_r, read], dim=1) if r else read, probs)
-            else:
-                out = blockwise_grouped_attention(q, keys, values, r + q_idx // S, q_idx % S, valid, tile=self.tile)
-            out = out.transpose(1, 2).reshape(1, T, self.n_heads * self.head_dim).to(h.dtype)
-            h = h + attn.o_proj(out)
-            h = h + layer.mlp(layer.post_attention_layernorm(h))
-
-        step = RetrievalStep("chunk" if T > 1 else "token", self.n_tokens, torch.stack(step_ids).cpu(),
-                             torch.stack(step_scores).cpu()) if step_ids else None
-        self.advance(sum(t != cfg.landmark_id for t in piece), step)
+        evidence_rows = [i for i, t in enumerate(piece) if t != cfg.landmark_id] if self._evidence is not None else None
+        L, C, k = len(self.caches), len(chunks), cfg.top_k
+        trace_ids = torch.empty(L, C, self.n_kv, k, dtype=torch.long, device=self.device)
+        trace_scores = torch.empty(L, C, self.n_kv, k, device=self.device)
+        done = 0
+        for li, (layer, cache) in enumerate(zip(self.llama.layers, self.caches)):
+            h, trace_ids[li], trace_scores[li], seen = landmark_layer(li, layer, h, cache, plan, rope, kernels,
+                                                                      evidence_rows or None)
+            if seen is not None:
+                self._evidence.add(*seen)
+            if progress is not None:
+                share = len(piece) * (li + 1) // L - done
+                done += share
+                progress(share)
+        self._record(piece, chunks, plan.r, trace_ids, trace_scores)
         if logits_at is None:
             return None
-        last = self.llama.norm(h[:, logits_at])
+        last = self.llama.norm(h[logits_at : logits_at + 1] if isinstance(logits_at, int) else h[logits_at][None])
         logits = self.model.lm_head(last)[0].float()  # [vocab], or [len(logits_at), vocab] for a list
         return forbid_landmark(logits, self.config.landmark_id)
+
+    def _record(self, piece: list[int], chunks: list[Chunk], r: list[int], ids: torch.Tensor,
+                scores: torch.Tensor) -> None:
+        """Advance chunk by chunk, with one RetrievalStep per chunk that
+        retrieved (r of its k); one device-to-host copy per step."""
+        ids, scores = ids.cpu(), scores.cpu()  # [L, C, Hkv, k]
+        k, lm_id, first = self.config.top_k, self.config.landmark_id, chunks[0].start
+        for c, (chunk, r_c) in enumerate(zip(chunks, r)):
+            step = RetrievalStep("chunk" if chunk.length > 1 else "token", self.n_tokens,
+                                 ids[:, c, :, k - r_c :].clone(), scores[:, c, :, k - r_c :].clone()) if r_c else None
+            part = piece[chunk.start - first : chunk.start - first + chunk.length]
+            self.advance(len(part) - part.count(lm_id), step)

@@ -89,13 +89,17 @@ def block_probs(qg: torch.Tensor, keys: list[torch.Tensor], hidden: list[torch.T
     return out
 
 
-def pick_blocks(best: torch.Tensor, n_before: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+def pick_blocks(best: torch.Tensor, n_before: torch.Tensor | None, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The k best of each chunk's blocks: best [C, Hkv, n] (block probabilities
-    by block id), n_before [C] (blocks g < n_before[c] are chunk c's) ->
+    by block id), n_before [C] (blocks g < n_before[c] are chunk c's; None:
+    all n are every chunk's) ->
     ids [C, Hkv, k] ascending, the k - r missing ones first as -1 (r =
     min(k, n_before[c])), and their probabilities [C, Hkv, k] (0 where missing)."""
     n = best.shape[-1]
-    best = best.masked_fill(torch.arange(n, device=best.device) >= n_before[:, None, None], -1.0)
+    if n_before is None and n >= k:  # none missing: top_blocks' ids are ascending
+        return top_blocks(best, k)
+    if n_before is not None:
+        best = best.masked_fill(torch.arange(n, device=best.device) >= n_before[:, None, None], -1.0)
     if n < k:
         best = F.pad(best, (0, k - n), value=-1.0)
     block, top = top_blocks(best, k)
@@ -141,38 +145,49 @@ def select_blocks(queries: torch.Tensor, landmarks: torch.Tensor, n_before: list
     C, H, W, d = queries.shape
     Hkv = landmarks.shape[0]
     on_host = not isinstance(n_before, torch.Tensor)
-    nb = torch.tensor(n_before, device=queries.device) if on_host else n_before
     lm_old = rotate(landmarks, slots[0][0], slots[1][0])  # every landmark at slot 0  # [Hkv, n, d]
     recent_cos, recent_sin = slots[0][1:], slots[1][1:]  # slots 1..k  # [k, d]
-    old_limit = (nb - k).clamp(min=0)  # blocks older than a chunk's k most recent  # [C]
     if on_host and budget.batched_scoring and C > 1:
+        nb = torch.tensor(n_before, device=queries.device)
+        old_limit = (nb - k).clamp(min=0)  # blocks older than a chunk's k most recent  # [C]
         best = _batched(queries, landmarks, lm_old, n_before, nb, old_limit, k, recent_cos, recent_sin, rows, budget)
-    else:  # one chunk at a time: its own rows against its blocks, by block id
-        width = max(n_before, default=0) if on_host else landmarks.shape[1]
-        best = landmarks.new_zeros(C, Hkv, width, dtype=torch.float32)
-        for c in range(C):
-            if on_host:  # exactly the chunk's blocks
-                n = n_before[c]
-                if not n:
-                    continue
-                r, hidden = min(k, n), None
-                recent = torch.arange(n - r, n, device=queries.device)
-            else:  # every block there is room for, those not stored masked
-                n, r = width, k
-                hidden = torch.arange(width, device=nb.device) >= nb[c]
-                recent = nb[c] - k + torch.arange(k, device=nb.device)
-            keys = lm_old[:, :n].clone()  # the r most recent at their own slots  # [Hkv, n, d]
-            keys.index_copy_(1, recent, rotate(landmarks[:, recent], recent_cos[k - r :], recent_sin[k - r :]))
-            lo, hi = rows[c] if isinstance(rows, list) else (0, W)
-            qg = queries[c, :, lo:hi].reshape(Hkv, -1, d)  # [Hkv, G * rows, d]
-            tile = max(1, budget.score_elements // (Hkv * n))
-            best[c, :, :n] = torch.stack([block_probs(qg[:, i : i + tile], [keys], [hidden])[0]
-                                          for i in range(0, qg.shape[1], tile)]).amax(dim=0)
-    if like_first is not None:  # bitwise one score for equal keys at slot 0 (a matmul may differ by column)
-        n = best.shape[-1]
-        same = like_first[:, :n] & (torch.arange(n, device=best.device) < old_limit[:, None, None])
-        best = torch.where(same, best[..., :1], best)
-    return pick_blocks(best, nb, k)
+        if like_first is not None:  # bitwise one score for equal keys at slot 0 (a matmul may differ by column)
+            n = best.shape[-1]
+            same = like_first[:, :n] & (torch.arange(n, device=best.device) < old_limit[:, None, None])
+            best = torch.where(same, best[..., :1], best)
+        return pick_blocks(best, nb, k)
+    # one chunk at a time: its own rows against its blocks, by block id
+    width = max(n_before, default=0) if on_host else landmarks.shape[1]
+    best = landmarks.new_zeros(C, Hkv, width, dtype=torch.float32) if C > 1 or not width else None
+    for c in range(C):
+        if on_host:  # exactly the chunk's blocks
+            n = n_before[c]
+            if not n:
+                continue
+            r, n_old, hidden = min(k, n), max(n - k, 0), None
+            keys = torch.cat([lm_old[:, :n_old], rotate(landmarks[:, n_old:n], recent_cos[k - r :], recent_sin[k - r :])],
+                             dim=1)  # [Hkv, n, d]
+        else:  # every block there is room for, those not stored masked (n_before >= k)
+            n, n_old = width, (n_before[c] - k).clamp(min=0)
+            hidden = torch.arange(width, device=n_before.device) >= n_before[c]
+            recent = n_before[c] - k + torch.arange(k, device=n_before.device)
+            keys = lm_old.clone()  # the k most recent at their own slots
+            keys.index_copy_(1, recent, rotate(landmarks[:, recent], recent_cos, recent_sin))
+        lo, hi = rows[c] if isinstance(rows, list) else (0, W)
+        qg = queries[c, :, lo:hi].reshape(Hkv, -1, d)  # [Hkv, G * rows, d]
+        tile = max(1, budget.score_elements // (Hkv * n))
+        tiles = [block_probs(qg[:, i : i + tile], [keys], [hidden])[0] for i in range(0, qg.shape[1], tile)]
+        chunk = tiles[0] if len(tiles) == 1 else torch.stack(tiles).amax(dim=0)  # [Hkv, n]
+        if like_first is not None:  # bitwise one score for equal keys at slot 0 (a matmul may differ by column)
+            old = like_first[:, :n] & (torch.arange(n, device=chunk.device) < n_old) if not on_host else like_first[:, :n_old]
+            chunk[:, : old.shape[1]] = torch.where(old, chunk[:, :1], chunk[:, : old.shape[1]])
+        if C == 1:
+            best = chunk[None]
+        else:
+            best[c, :, :n] = chunk
+    if on_host and all(n == width for n in n_before):  # every column is every chunk's
+        return pick_blocks(best, None, k)
+    return pick_blocks(best, torch.tensor(n_before, device=best.device) if on_host else n_before, k)
 
 
 def _batched(queries, landmarks, lm_old, n_before, nb, old_limit, k, recent_cos, recent_sin, rows, budget):
