@@ -367,10 +367,9 @@ def _bench_train(model_options: ModelOptions, *, forms: list[str], batch_size: i
 
     loaded = load_model(model_options)
     if "fused" in forms:
-        from lmqa.train.fused_attention import supported
+        from lmqa.train.fused_attention import supported_by
 
-        probe = torch.zeros(1, 1, 1, loaded.model.config.head_dim, device=loaded.model.device)
-        if not supported(probe, loaded.landmark.block_size):
+        if not supported_by(loaded.model, loaded.landmark.block_size):
             raise UserError("--forms fused needs Triton on a CUDA device and a block of 2^n - 1 tokens; "
                             "leave it out (--forms sdpa,tiled)")
     peft_model = add_lora(loaded.model, loaded.landmark.landmark_id, 16, 32)
@@ -464,6 +463,12 @@ def _train(data: list[Path], cfg: TrainConfig, model_options: ModelOptions, *, c
     base = model_options.model
     state = process_state()  # under accelerate launch: selects this process's GPU before the model loads
     loaded = load_model(model_options)
+    if cfg.attention_form == "fused":
+        from lmqa.train.fused_attention import supported_by
+
+        if not supported_by(loaded.model, loaded.landmark.block_size):
+            raise UserError("--attention fused needs Triton on a CUDA device and a block of 2^n - 1 tokens; "
+                            "use --attention auto or tiled")
     tok = loaded.tokenizer
     if len(data) == 1 and data[0].suffix == ".safetensors":
         if not data[0].is_file():

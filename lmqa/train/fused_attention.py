@@ -52,6 +52,11 @@ def supported(q: torch.Tensor, block_size: int) -> bool:
             and d >= 16 and d & (d - 1) == 0)
 
 
+def supported_by(model, block_size: int) -> bool:
+    """supported() for a loaded LlamaForCausalLM on its device."""
+    return supported(torch.zeros(1, 1, 1, model.config.head_dim, device=model.device), block_size)
+
+
 if triton is not None:
 
     @triton.jit
