@@ -210,7 +210,7 @@ def landmark_layer(index: int, layer, h: torch.Tensor, cache: LandmarkCache, pla
     attn, budget = layer.self_attn, kernels.budget
     N, dtype = h.shape[0], cache.open_keys.dtype
     Hkv, S, d = cache.open_keys.shape
-    H = attn.q_proj.out_features // d
+    H = attn.config.num_attention_heads
     # Projections in row tiles, except at layer 0: a matmul may round a row
     # differently in tiles of other heights, and layer 0's landmark keys must
     # stay bitwise equal (see retrieval.select_blocks' like_first).
