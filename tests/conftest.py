@@ -162,3 +162,21 @@ def run_in_triton_interpreter(test_file: str, min_passed: int) -> None:
                          cwd=Path(__file__).parent.parent, env=env, capture_output=True, text=True, timeout=600)
     passed = re.search(r"(\d+) passed", res.stdout)
     assert res.returncode == 0 and passed and int(passed[1]) >= min_passed, res.stdout[-6000:] + res.stderr[-3000:]
+
+
+TINY_LANDMARK = 127  # the landmark id of the engine tests' tiny models (vocabulary 128)
+
+
+def random_ids(n: int, seed: int, below: int = TINY_LANDMARK) -> list[int]:
+    """n ordinary token ids (never the landmark), reproducibly."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, below, (n,), generator=g).tolist()
+
+
+def landmark_engine(model, prefill: str, b: int, k: int, chunk: int, **kw):
+    """A LandmarkEngine over a tiny model: block b, top-k k, prefill chunk `chunk`."""
+    from lmqa.engine.landmark_engine import LandmarkEngine
+    from lmqa.engine.landmarks import LandmarkConfig
+
+    cfg = LandmarkConfig(landmark_id=TINY_LANDMARK, block_size=b, top_k=k, train_context=4096, chunk_size=chunk)
+    return LandmarkEngine(model, cfg, prefill=prefill, **kw)

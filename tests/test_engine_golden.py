@@ -24,25 +24,14 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from lmqa.engine.landmark_engine import LandmarkEngine
-from lmqa.engine.landmarks import LandmarkConfig
 from lmqa.qa.evidence import EvidenceRecorder
 
-from conftest import make_tiny_llama
+from conftest import landmark_engine as make_engine, make_tiny_llama, random_ids
 
 GOLDEN = Path(__file__).parent / "data" / "engine_golden.safetensors"
 VOCAB = 128
-LANDMARK = VOCAB - 1
 
 
-def random_ids(n, seed):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randint(0, LANDMARK, (n,), generator=g).tolist()
-
-
-def make_engine(model, prefill, b, k, chunk, **kw):
-    cfg = LandmarkConfig(landmark_id=LANDMARK, block_size=b, top_k=k, train_context=4096, chunk_size=chunk)
-    return LandmarkEngine(model, cfg, prefill=prefill, **kw)
 
 
 def digest(t: torch.Tensor) -> torch.Tensor:

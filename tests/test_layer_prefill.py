@@ -15,15 +15,14 @@ import pytest
 import torch
 
 from lmqa.engine.landmark_engine import LandmarkEngine
-from lmqa.engine.landmarks import LandmarkConfig
 from lmqa.engine.plan import Chunk, batches, plan_chunks, super_chunks
 from lmqa.engine.retrieval import _largest_by_max, top_blocks
 
-from conftest import make_tiny_llama
+from conftest import TINY_LANDMARK, landmark_engine as engine, make_tiny_llama, random_ids
 
 TOL = 1e-4
 VOCAB = 128
-LANDMARK = VOCAB - 1
+LANDMARK = TINY_LANDMARK
 
 
 @pytest.fixture(scope="module")
@@ -37,14 +36,6 @@ def gqa31_model():
     return make_tiny_llama(vocab=VOCAB, hidden=36, heads=3, kv_heads=1, layers=3, seed=4)
 
 
-def random_ids(n, seed):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randint(0, LANDMARK, (n,), generator=g).tolist()
-
-
-def engine(model, prefill, b, k, chunk, **kw):
-    cfg = LandmarkConfig(landmark_id=LANDMARK, block_size=b, top_k=k, train_context=4096, chunk_size=chunk)
-    return LandmarkEngine(model, cfg, prefill=prefill, **kw)
 
 
 def assert_same_state(serial: LandmarkEngine, layer: LandmarkEngine):

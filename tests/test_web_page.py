@@ -276,7 +276,9 @@ def test_ask_shows_streamed_answer_evidence_heatmap_and_document(server, watched
 def test_injected_document_shows_as_text_and_runs_nothing(server, watched):
     page = watched.page
     page.goto(server.url + "/")
-    assert page.locator("#context option", has_text="evil<script>").count() == 1
+    evil = page.locator("#context option", has_text="evil<script>")
+    evil.wait_for(state="attached")  # the page lists the contexts once /v1/models has answered
+    assert evil.count() == 1
     answer_id = ask_in_page(page, EVIL_MODEL, "What is the pass key?")
     evidence = page.locator("#evidence .passage")
     assert EVIL_NAME in evidence.first.locator(".location").text_content()
