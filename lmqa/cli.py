@@ -421,6 +421,7 @@ def train_command(
 ):
     """Fine-tune a LLaMA-family model with landmark tokens (LoRA + landmark embedding).
     On several GPUs: accelerate launch --num_processes N -m lmqa train ..."""
+    from lmqa.train.attention_interface import FORMS
     from lmqa.train.finetune import TrainConfig
 
     if real_qa_rate and qa_data is None:
@@ -429,8 +430,8 @@ def train_command(
         raise UserError("--qa-data is used only with --real-qa-rate (the share of examples drawn from it)")
     if book_qa_rate and not qa_rate:
         raise UserError("--book-qa-rate is a share of the QA examples: give --qa-rate too")
-    if attention not in ("auto", "fused", "tiled"):
-        raise UserError(f"--attention must be auto, fused or tiled, not {attention!r}")
+    if attention not in FORMS:
+        raise UserError(f"--attention must be one of {', '.join(FORMS)}, not {attention!r}")
     cfg = TrainConfig(output=output, steps=steps, context=context, batch_size=batch_size, grad_accum=grad_accum, lr=lr,
                       synthetic_rate=synthetic_rate, lora_rank=lora_rank, lora_alpha=2 * lora_rank,
                       save_every=save_every, seed=seed, attention_tile=attention_tile, attention_form=attention,

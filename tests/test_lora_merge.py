@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from peft import LoraConfig, get_peft_model
 
@@ -31,3 +32,11 @@ def test_matches_peft_merge(tmp_path):
         assert torch.allclose(got[key], want[key], atol=1e-6), key
     assert not torch.equal(got["model.embed_tokens.weight"][5], before["model.embed_tokens.weight"][5])
     assert not torch.equal(got["model.layers.0.self_attn.q_proj.weight"], before["model.layers.0.self_attn.q_proj.weight"])
+
+
+def test_refuses_per_module_ranks(tmp_path):
+    """A rank or alpha that differs by module would be merged with the wrong scale: refused."""
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"], rank_pattern={"q_proj": 2}, task_type="CAUSAL_LM")
+    get_peft_model(make_tiny_llama(vocab=32, seed=1), config).save_pretrained(tmp_path, safe_serialization=True)
+    with pytest.raises(ValueError, match="plain LoRA"):
+        merge_lora(make_tiny_llama(vocab=32, seed=1), tmp_path)

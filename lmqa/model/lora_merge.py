@@ -24,8 +24,9 @@ def merge_lora(model: torch.nn.Module, adapter_dir: Path) -> None:
     """Add the adapter in adapter_dir (adapter_config.json and
     adapter_model.safetensors, as peft saves them) into model in place."""
     config = json.loads((adapter_dir / "adapter_config.json").read_text())
-    if config.get("peft_type") != "LORA" or config.get("use_dora") or config.get("fan_in_fan_out"):
-        raise ValueError(f"{adapter_dir}: only plain LoRA adapters can be merged")
+    if (config.get("peft_type") != "LORA" or config.get("use_dora") or config.get("fan_in_fan_out")
+            or config.get("rank_pattern") or config.get("alpha_pattern")):
+        raise ValueError(f"{adapter_dir}: only plain LoRA adapters (one rank and alpha for all modules) can be merged")
     r, alpha = config["r"], config["lora_alpha"]
     scale = alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
     tensors = load_file(adapter_dir / "adapter_model.safetensors")

@@ -216,11 +216,10 @@ class _FusedGroupedAttention(torch.autograd.Function):
         delta = (do.to(lse.dtype) * o.to(lse.dtype)).sum(-1).reshape(-1)  # D_i = dO_i . O_i  # [B*H*T]
         dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
         scale, sm_scale = LOG2_E / math.sqrt(d), 1.0 / math.sqrt(d)
-        acc = _acc_dtype(q)
-        _bwd_kv_kernel[(NB, B * Hkv)](q, k, v, do, lse, delta, dk, dv, *_strides(q, k, v), H, Hkv, H // Hkv, NB,
-                                      scale, sm_scale, S=S, D=d, ACC=acc, PREC=_precision(q))
-        _bwd_q_kernel[(NB, B * H)](q, k, v, do, lse, delta, dq, *_strides(q, k, v), H, H // Hkv, NB,
-                                   scale, sm_scale, S=S, D=d, ACC=acc, PREC=_precision(q))
+        strides, kinds = _strides(q, k, v), dict(S=S, D=d, ACC=_acc_dtype(q), PREC=_precision(q))
+        _bwd_kv_kernel[(NB, B * Hkv)](q, k, v, do, lse, delta, dk, dv, *strides, H, Hkv, H // Hkv, NB,
+                                      scale, sm_scale, **kinds)
+        _bwd_q_kernel[(NB, B * H)](q, k, v, do, lse, delta, dq, *strides, H, H // Hkv, NB, scale, sm_scale, **kinds)
         return dq, dk, dv, None
 
 
