@@ -266,9 +266,26 @@ def bench(
     context: Annotated[int, typer.Option(min=64, help="With --train: positions per sequence.")] = 2048,
     forms: Annotated[str, typer.Option("--forms", help="With --train: attention forms to time, of sdpa, fused, tiled.")] = "sdpa,fused,tiled",
     steps: Annotated[int, typer.Option(min=1, help="With --train: timed steps per form (after 2 warm-up steps).")] = 5,
+    answers: Annotated[bool, typer.Option("--answers", help="Instead: seconds per question of each answer path (--answer-candidates) on --document cut to each of --lengths, read once as lmqa serve holds a context.")] = False,
+    document: Annotated[Optional[Path], typer.Option("--document", help="With --answers: the text to ask about (repeated to reach a length).")] = None,
+    questions: Annotated[Optional[list[str]], typer.Option("--question", help="With --answers: a question to time (repeatable; default: two about the story).")] = None,
+    answer_candidates: Annotated[str, typer.Option("--answer-candidates", help="With --answers: the answer paths, as --candidates values (1 = one pass, N = search among N).")] = "4,1",
+    fresh: Annotated[bool, typer.Option("--fresh", help="With --answers: also time each answer as a new `lmqa ask CTX.lmqa` process (model load, context file, answer).")] = False,
 ):
     """Engine vs transformers' full attention: prefill tokens/s, decode ms/token and memory, in one run.
-    With --train: the training step's speed per attention form."""
+    With --train: the training step's speed per attention form. With --answers: seconds per question per answer path."""
+    if answers:
+        from lmqa.evaluation.answer_bench import QUESTIONS
+
+        paths = _lengths(answer_candidates, "--answer-candidates", 1)
+        if document is None or not document.is_file():
+            raise UserError("--answers needs --document FILE: a text file to ask about")
+        flags = [*(["--model", model] if model else []), "--device", device, "--quantize", quantize]
+        _bench_answers(options_of(ctx, ModelOptions), options_of(ctx, EngineOptions, prefill="layer"),
+                       text=document.read_text(encoding="utf-8", errors="replace"),
+                       lengths=_lengths(lengths, "--lengths", 256), questions=tuple(questions or QUESTIONS),
+                       candidates=paths, fresh_flags=flags if fresh else None, as_json=as_json)
+        return
     if train:
         chosen = [f.strip() for f in forms.split(",") if f.strip()]
         if not chosen or set(chosen) - {"sdpa", "fused", "tiled"}:
@@ -280,14 +297,49 @@ def bench(
     if not paths or set(paths) - {"layer", "serial"}:
         raise UserError(f"--prefill must be layer, serial, both or layer,serial, not {prefill!r}")
     engine_options = options_of(ctx, EngineOptions, prefill=paths[0])
-    try:
-        sizes = [int(x) for x in lengths.split(",") if x.strip()]
-    except ValueError:
-        raise UserError(f"--lengths must be comma-separated integers, not {lengths!r}") from None
-    if not sizes or min(sizes) < 64:
-        raise UserError("--lengths needs lengths of at least 64 tokens")
+    sizes = _lengths(lengths, "--lengths", 64)
     _bench(options_of(ctx, ModelOptions), engine_options, sizes=sizes, paths=paths, max_full=max_full,
            new_tokens=new_tokens, seed=seed, as_json=as_json)
+
+
+def _lengths(text: str, flag: str, least: int) -> list[int]:
+    """A comma-separated list of integers of at least `least`, or a UserError."""
+    try:
+        values = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise UserError(f"{flag} must be comma-separated integers, not {text!r}") from None
+    if not values or min(values) < least:
+        raise UserError(f"{flag} needs values of at least {least}")
+    return values
+
+
+def _bench_answers(model_options: ModelOptions, engine_options: EngineOptions, *, text: str, lengths: list[int],
+                   questions: tuple[str, ...], candidates: list[int], fresh_flags: list[str] | None,
+                   as_json: bool) -> None:
+    """`lmqa bench --answers`: a table of median seconds per length and answer path, or every row as JSON."""
+    from lmqa.evaluation.answer_bench import ANSWER_TOKENS, bench_answers, summary
+
+    loaded = load_model(model_options)
+    engine = new_engine(loaded, engine_options)
+    with err.status("timing answers") as status:
+        rows = bench_answers(loaded, engine, text, lengths, questions, candidates, ANSWER_TOKENS, fresh_flags,
+                             status=lambda m: status.update(escape(m)))
+    medians = summary(rows)
+    if as_json:
+        print(json.dumps({"model": loaded.name, "device": str(engine.device), "rows": [asdict(r) for r in rows],
+                          "summary": medians}))
+        return
+    table = Table(title=f"lmqa bench --answers: {loaded.name}, device {engine.device}, median of "
+                        f"{len(questions)} questions")
+    for col in ("tokens", "answer path", "where", "seconds", "first token s", "answer tokens", "vs one pass"):
+        table.add_column(col, justify="right")
+    for m in medians:
+        table.add_row(f"{m['tokens']:,}", "one pass" if m["candidates"] == 1 else f"search, -c {m['candidates']}",
+                      "new ask process" if m["fresh"] else "context held",
+                      f"{m['total_s']:.2f}", "-" if m["first_token_s"] is None else f"{m['first_token_s']:.2f}",
+                      "-" if m["answer_tokens"] is None else f"{m['answer_tokens']:g}",
+                      "-" if m["vs_one_pass"] is None else f"{m['vs_one_pass']:.1f}x")
+    console.print(table)
 
 
 def _bench(model_options: ModelOptions, engine_options: EngineOptions, *, sizes: list[int], paths: list[str],

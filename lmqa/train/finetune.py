@@ -199,6 +199,8 @@ def train(model, sampler, landmark_id: int, cfg: TrainConfig, log=print, progres
     make = lambda key: draw_batch(sampler, cfg.seed, *key, cfg.batch_size, cfg.block_size, landmark_id)
     with Prefetcher(make, draws) as batches:
         for step in range(start, cfg.steps):
+            if use_cuda and step - start in (0, 1):
+                log(gpu_memory(accelerator.device, "before the first step" if step == start else "after one step"))
             loss = _step(model, optimizer, params, accelerator, batches, lr_at(step, cfg), cfg.grad_accum)
             out_of_time = cfg.max_minutes is not None and time.monotonic() - began > cfg.max_minutes * 60
             loss, out_of_time = _agree(accelerator, loss, out_of_time)
@@ -213,6 +215,17 @@ def train(model, sampler, landmark_id: int, cfg: TrainConfig, log=print, progres
                 break
     model.eval()
     return losses
+
+
+def gpu_memory(device: torch.device, when: str) -> str:
+    """One line on the card's memory: what PyTorch's allocator holds against
+    what the card has in use. A gap is memory outside the allocator (the
+    CUDA context, other libraries, other processes on the card), which an
+    out-of-memory error at the first step does not explain."""
+    free, total = torch.cuda.mem_get_info(device)
+    gib = 2**30
+    return (f"GPU memory {when}: {(total - free) / gib:.2f} GiB of {total / gib:.2f} in use, PyTorch "
+            f"{torch.cuda.memory_allocated(device) / gib:.2f} allocated, {torch.cuda.memory_reserved(device) / gib:.2f} reserved")
 
 
 def _step(model, optimizer, params, accelerator, batches, lr: float, grad_accum: int) -> torch.Tensor:
