@@ -277,13 +277,13 @@ def bench(
     if answers:
         from lmqa.evaluation.answer_bench import QUESTIONS
 
-        paths = _lengths(answer_candidates, "--answer-candidates", 1)
+        paths = _integers(answer_candidates, "--answer-candidates", 1, "values")
         if document is None or not document.is_file():
             raise UserError("--answers needs --document FILE: a text file to ask about")
         flags = [*(["--model", model] if model else []), "--device", device, "--quantize", quantize]
         _bench_answers(options_of(ctx, ModelOptions), options_of(ctx, EngineOptions, prefill="layer"),
                        text=document.read_text(encoding="utf-8", errors="replace"),
-                       lengths=_lengths(lengths, "--lengths", 256), questions=tuple(questions or QUESTIONS),
+                       lengths=_integers(lengths, "--lengths", 256, "lengths"), questions=tuple(questions or QUESTIONS),
                        candidates=paths, fresh_flags=flags if fresh else None, as_json=as_json)
         return
     if train:
@@ -297,19 +297,19 @@ def bench(
     if not paths or set(paths) - {"layer", "serial"}:
         raise UserError(f"--prefill must be layer, serial, both or layer,serial, not {prefill!r}")
     engine_options = options_of(ctx, EngineOptions, prefill=paths[0])
-    sizes = _lengths(lengths, "--lengths", 64)
+    sizes = _integers(lengths, "--lengths", 64, "lengths")
     _bench(options_of(ctx, ModelOptions), engine_options, sizes=sizes, paths=paths, max_full=max_full,
            new_tokens=new_tokens, seed=seed, as_json=as_json)
 
 
-def _lengths(text: str, flag: str, least: int) -> list[int]:
-    """A comma-separated list of integers of at least `least`, or a UserError."""
+def _integers(text: str, flag: str, least: int, what: str) -> list[int]:
+    """A comma-separated list of integers of at least `least` (what they are: for the error), or a UserError."""
     try:
         values = [int(x) for x in text.split(",") if x.strip()]
     except ValueError:
         raise UserError(f"{flag} must be comma-separated integers, not {text!r}") from None
     if not values or min(values) < least:
-        raise UserError(f"{flag} needs values of at least {least}")
+        raise UserError(f"{flag} needs {what} of at least {least}")
     return values
 
 
