@@ -27,7 +27,7 @@ from .offload import AutoOffload
 from .plan import Chunk, PrefillBudget, plan_chunks, super_chunks
 from .positions import RopeTables
 from .retrieval import RetrievalStep, RetrievalTrace
-from .step import BranchPlan, Kernels, StepPlan, landmark_layer
+from .step import Kernels, StepPlan, landmark_layer
 
 
 class Mark(NamedTuple):
@@ -276,32 +276,6 @@ class LandmarkEngine:
             if progress is not None and not layer_major:
                 progress(len(piece))
         return torch.cat(outs) if every else logits
-
-    @torch.inference_mode()
-    def read_branches(self, branches: list[list[int]]) -> list[torch.Tensor]:
-        """Each branch's logits after each of its tokens [len, vocab], as
-        feed(ids, every=True) then a rollback gives them, for all branches in
-        one step per layer (step.BranchPlan); the state is unchanged and no
-        trace or evidence is recorded. Every branch is read as one chunk, so
-        the open block and a branch's positions must fit a prefill chunk."""
-        cfg = self.config
-        if not branches or not all(branches):
-            raise ValueError("read_branches needs branches of at least one token")
-        streams = [insert_landmarks(ids, cfg.block_size, cfg.landmark_id, filled=self.open_len) for ids in branches]
-        if self.open_len + max(map(len, streams)) > cfg.prefill_chunk:
-            raise ValueError(f"a branch of {max(map(len, streams))} positions after {self.open_len} open ones "
-                             f"is longer than a prefill chunk ({cfg.prefill_chunk})")
-        plan = BranchPlan([len(s) for s in streams], self.open_len, self.n_blocks, cfg.block_size, cfg.top_k,
-                          self.device)
-        piece = [t for stream in streams for t in stream]
-        h = self.llama.embed_tokens(torch.tensor(piece, device=self.device))  # [N, D]
-        rope = RopeTables.build(self.llama.rotary_emb, h, self.dtype, cfg, plan.W)
-        kernels = Kernels(self.prefill_budget, reference=True)
-        for li, (layer, cache) in enumerate(zip(self.llama.layers, self.caches)):
-            h = landmark_layer(li, layer, h, cache, plan, rope, kernels)[0]
-        rows = [i for i, t in enumerate(piece) if t != cfg.landmark_id]
-        logits = forbid_landmark(self.model.lm_head(self.llama.norm(h[rows])).float(), cfg.landmark_id)  # [n, vocab]
-        return list(logits.split([len(ids) for ids in branches]))
 
     def _step(self, piece: list[int], chunks: list[Chunk], logits_at: int | list[int] | None, reference: bool,
               progress=None) -> torch.Tensor | None:

@@ -137,57 +137,6 @@ class StepPlan:
         return self.rows[c]
 
 
-class BranchPlan(StepPlan):
-    """Several continuations of the same state read side by side (candidate
-    answers): each branch is one chunk whose window is the open block, then
-    its own positions (landmarks included); it reads the blocks stored before
-    the open block, as a lone feed of its tokens does. Nothing is stored:
-    every branch is thrown away after the read, so the caches stay as they
-    were. lengths: each branch's positions; the step's N positions are the
-    branches one after another."""
-
-    def __init__(self, lengths: list[int], open_len: int, n_blocks: int, block_size: int, k: int,
-                 device: torch.device):
-        S = block_size + 1
-        self.S, self.k = S, k
-        p0, C = open_len, len(lengths)
-        self.N = sum(lengths)
-        self.opens = [p0] * C
-        self.win_len = [p0 + n for n in lengths]
-        self.n_before = [n_blocks] * C
-        self.r = [min(k, n_blocks)] * C
-        self.n_win_blocks = max(-(-w // S) for w in self.win_len)
-        self.n_cache_blocks = self.n_win_blocks
-        self.W = W = self.n_win_blocks * S
-        self.rows = list(zip(self.opens, self.win_len))
-        self.single = False
-        w = torch.arange(W, device=device)
-        self.row_block = w // S  # [W]
-        self.row_offset = w % S
-        starts = torch.tensor([0, *lengths[:-1]], device=device).cumsum(0)  # each branch's first position  # [C]
-        # which new position gives the query of window row w (rows outside the branch: any; discarded)  # [C, W]
-        self.q_rows = (starts[:, None] + w - p0).clamp(0, self.N - 1)
-        # each new position's row in the [C * W] window rows  # [N]
-        branch = torch.repeat_interleave(torch.arange(C, device=device), torch.tensor(lengths, device=device))
-        self.token_rows = branch * W + p0 + torch.arange(self.N, device=device) - starts[branch]
-
-    def store(self, cache: LandmarkCache, keys: torch.Tensor, values: torch.Tensor):
-        """Each branch's window [C, Hkv, n_win_blocks, S, d]: the open block,
-        then the branch's keys/values [N, Hkv, d]; padding rows zeros (after
-        every real query: the causal mask hides them). The cache is read only."""
-        C, W = len(self.opens), self.W
-        window = []
-        for open_block, new in zip(cache.open_block(), (keys, values)):
-            flat = new.new_zeros(C, W, *new.shape[1:])  # [C, W, Hkv, d]
-            flat[:, : self.opens[0]] = open_block.transpose(0, 1)
-            flat.view(C * W, *new.shape[1:])[self.token_rows] = new
-            window.append(flat.view(C, self.n_win_blocks, self.S, *new.shape[1:]).permute(0, 3, 1, 2, 4))
-        return tuple(window)
-
-    def windows(self, cache_k: torch.Tensor, cache_v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return cache_k, cache_v  # store() built them per branch
-
-
 class FixedStep:
     """A one-token plan in fixed shapes for a CUDA graph: the token's slot p
     in the open block and the block count n are device scalars set before

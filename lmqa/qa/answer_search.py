@@ -14,11 +14,8 @@ is chosen among whole candidates:
 Each candidate is read in one short feed (read_score): the model's mean
 log-probability per token of the answer and its stop (length-normalised,
 as beam search usually is: a total would favour fragments such as "It
-was."). The candidates are read side by side, many in one engine step
-(read_scores, LandmarkEngine.read_branches): a hundred short feeds one by
-one cost a hundred passes through every layer. A proposal whose first
-token the processors forbid (the refusal rule decided to refuse) is not
-read.
+was."). A proposal whose first token the processors forbid (the refusal
+rule decided to refuse) is not read.
 
 Mean log-probability alone favours text that is easy to predict whatever
 was asked: a licence line, a title, the document's first or last lines
@@ -47,10 +44,8 @@ import torch
 
 from lmqa.engine.generation import LogitsProcessor, apply_processors
 from lmqa.engine.landmark_engine import LandmarkEngine
-from lmqa.engine.plan import batches
 
 RRF_K = 10  # reciprocal-rank fusion's constant (fused): small, so first ranks weigh most
-BRANCH_POSITIONS = 2048  # candidate tokens read in one engine step (read_scores): a CPU's row tile
 
 
 
@@ -79,32 +74,8 @@ def read_score(engine: LandmarkEngine, logits: torch.Tensor, ids: list[int], sto
     if not ids:
         return max(float(first[s]) for s in stop_ids)
     mark = engine.snapshot()
-    after = engine.feed(ids, every=True)
+    after = torch.log_softmax(engine.feed(ids, every=True).float().cpu(), -1)  # [len(ids), vocab]
     engine.rollback(mark)
-    return _mean_logprob(first, after, ids, stop_ids)
-
-
-def read_scores(engine: LandmarkEngine, logits: torch.Tensor, options: Sequence[list[int]],
-                stop_ids: set[int]) -> list[float]:
-    """read_score of every option, the options read side by side in engine
-    steps of at most BRANCH_POSITIONS tokens (LandmarkEngine.read_branches);
-    an option longer than a prefill chunk is read alone."""
-    first = torch.log_softmax(logits.float().cpu(), -1)
-    cfg = engine.config
-    alone = lambda ids: engine.open_len + len(ids) + len(ids) // cfg.block_size + 1 > cfg.prefill_chunk  # noqa: E731
-    scores = [read_score(engine, logits, ids, stop_ids) if not ids or alone(ids) else None for ids in options]
-    todo = [i for i, s in enumerate(scores) if s is None]
-    for lo, hi in batches([len(options[i]) for i in todo], BRANCH_POSITIONS):
-        group = todo[lo:hi]
-        for i, after in zip(group, engine.read_branches([options[i] for i in group])):
-            scores[i] = _mean_logprob(first, after, options[i], stop_ids)
-    return scores
-
-
-def _mean_logprob(first: torch.Tensor, after: torch.Tensor, ids: list[int], stop_ids: set[int]) -> float:
-    """Mean log p per token of ids and the likeliest stop, from the log p
-    before them (first [vocab]) and the logits after each (after [len(ids), vocab])."""
-    after = torch.log_softmax(after.float().cpu(), -1)
     total = float(first[ids[0]]) + float(after[torch.arange(len(ids) - 1), torch.tensor(ids[1:], dtype=torch.long)].sum())
     return (total + max(float(after[-1, s]) for s in stop_ids)) / (len(ids) + 1)
 
@@ -112,7 +83,7 @@ def _mean_logprob(first: torch.Tensor, after: torch.Tensor, ids: list[int], stop
 def choose(engine: LandmarkEngine, logits: torch.Tensor, options: Sequence[list[int]], stop_ids: set[int],
            baseline: Sequence[float] | None = None) -> tuple[list[int], list[float]]:
     """The best of options and every option's score (see the module's rule)."""
-    scores = read_scores(engine, logits, options, stop_ids)
+    scores = [read_score(engine, logits, ids, stop_ids) for ids in options]
     if baseline is not None:  # means per token (answer and stop) -> the answer's total gain
         scores = [(s - b) * (len(ids) + 1) for s, b, ids in zip(scores, baseline, options)]
     best = max(range(len(options)), key=scores.__getitem__)

@@ -18,7 +18,7 @@ from typing import Literal
 from lmqa.code.answer import answer_code, definition_spans
 from lmqa.engine.landmark_engine import LandmarkEngine, Mark, RetrievalStep
 from .abstention import AbstentionPrior
-from .answer_search import candidates, choose, emit, fused, read_scores
+from .answer_search import candidates, choose, emit, fused, read_score
 from .evidence import EvidenceRecorder, TokenMass, document_mass, quoted_span
 from .lexical import SentenceIndex
 from .list_answers import pick_items, requested_items
@@ -338,7 +338,7 @@ class DocumentSession:
         after question_ids, where the answer goes."""
         self.engine.rollback(self._mark)
         logits = self.engine.feed(self._question_ids(NEUTRAL_QUESTION))
-        baseline = read_scores(self.engine, logits, options, stops)
+        baseline = [read_score(self.engine, logits, ids, stops) for ids in options]
         self.engine.rollback(self._mark)
         logits = self.engine.feed(question_ids)
         return choose(self.engine, logits, options, stops, baseline)[1]
