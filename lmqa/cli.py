@@ -23,7 +23,7 @@ from lmqa import __version__
 from lmqa.evaluation import command as evaluation_command
 from lmqa.flags import (BlockOpt, BoilerplateOpt, CandidatesOpt, DeviceOpt, ExcludeOpt, IncludeOpt, KvDtypeOpt,
                         MaxGpuOpt, MaxMemoryOpt, ModelOpt, OffloadOpt, PrefillOpt, QuantOpt, QuoteOpt, SeedOpt, TopKOpt,
-                        answer_options, options_of, session_options)
+                        answer_options, integers, options_of, session_options)
 from lmqa.options import AnswerOptions, EngineOptions, ModelOptions, SessionOptions
 from lmqa.serve import command as serve_command
 from lmqa.sessions import load_model, new_engine, open_session, over_budget, prepared_session, report_memory
@@ -277,13 +277,14 @@ def bench(
     if answers:
         from lmqa.evaluation.answer_bench import QUESTIONS
 
-        paths = _integers(answer_candidates, "--answer-candidates", 1, "values")
+        paths = integers(answer_candidates, "--answer-candidates", 1, "values")
         if document is None or not document.is_file():
             raise UserError("--answers needs --document FILE: a text file to ask about")
-        flags = [*(["--model", model] if model else []), "--device", device, "--quantize", quantize]
+        flags = [*(["--model", model] if model else []), *(["--top-k", str(top_k)] if top_k else []),
+                 "--device", device, "--quantize", quantize, "--kv-offload", kv_offload]
         _bench_answers(options_of(ctx, ModelOptions), options_of(ctx, EngineOptions, prefill="layer"),
                        text=document.read_text(encoding="utf-8", errors="replace"),
-                       lengths=_integers(lengths, "--lengths", 256, "lengths"), questions=tuple(questions or QUESTIONS),
+                       lengths=integers(lengths, "--lengths", 256, "lengths", "tokens"), questions=tuple(questions or QUESTIONS),
                        candidates=paths, fresh_flags=flags if fresh else None, as_json=as_json)
         return
     if train:
@@ -297,20 +298,9 @@ def bench(
     if not paths or set(paths) - {"layer", "serial"}:
         raise UserError(f"--prefill must be layer, serial, both or layer,serial, not {prefill!r}")
     engine_options = options_of(ctx, EngineOptions, prefill=paths[0])
-    sizes = _integers(lengths, "--lengths", 64, "lengths")
+    sizes = integers(lengths, "--lengths", 64, "lengths", "tokens")
     _bench(options_of(ctx, ModelOptions), engine_options, sizes=sizes, paths=paths, max_full=max_full,
            new_tokens=new_tokens, seed=seed, as_json=as_json)
-
-
-def _integers(text: str, flag: str, least: int, what: str) -> list[int]:
-    """A comma-separated list of integers of at least `least` (what they are: for the error), or a UserError."""
-    try:
-        values = [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise UserError(f"{flag} must be comma-separated integers, not {text!r}") from None
-    if not values or min(values) < least:
-        raise UserError(f"{flag} needs {what} of at least {least}")
-    return values
 
 
 def _bench_answers(model_options: ModelOptions, engine_options: EngineOptions, *, text: str, lengths: list[int],
@@ -419,11 +409,7 @@ def _bench_train(model_options: ModelOptions, *, forms: list[str], batch_size: i
 
     loaded = load_model(model_options)
     if "fused" in forms:
-        from lmqa.train.fused_attention import supported_by
-
-        if not supported_by(loaded.model, loaded.landmark.block_size):
-            raise UserError("--forms fused needs Triton on a CUDA device and a block of 2^n - 1 tokens; "
-                            "leave it out (--forms sdpa,tiled)")
+        _require_fused(loaded, "--forms fused", "leave it out (--forms sdpa,tiled)")
     peft_model = add_lora(loaded.model, loaded.landmark.landmark_id, 16, 32)
     rows = []
     for form in forms:
@@ -442,6 +428,14 @@ def _bench_train(model_options: ModelOptions, *, forms: list[str], batch_size: i
                       f"{r.positions_s / base.positions_s:.2f}x" if base else "-",
                       f"{r.gpu_peak_mib:,.0f}" if r.gpu_peak_mib is not None else "-")
     console.print(table)
+
+
+def _require_fused(loaded, flag: str, instead: str) -> None:
+    """A UserError (flag, then what to do instead) where the fused training kernels cannot run for loaded."""
+    from lmqa.train.fused_attention import supported_by
+
+    if not supported_by(loaded.model, loaded.landmark.block_size):
+        raise UserError(f"{flag} needs Triton on a CUDA device and a block of 2^n - 1 tokens; {instead}")
 
 
 # ----- train -----
@@ -517,11 +511,7 @@ def _train(data: list[Path], cfg: TrainConfig, model_options: ModelOptions, *, c
     state = process_state()  # under accelerate launch: selects this process's GPU before the model loads
     loaded = load_model(model_options)
     if cfg.attention_form == "fused":
-        from lmqa.train.fused_attention import supported_by
-
-        if not supported_by(loaded.model, loaded.landmark.block_size):
-            raise UserError("--attention fused needs Triton on a CUDA device and a block of 2^n - 1 tokens; "
-                            "use --attention auto or tiled")
+        _require_fused(loaded, "--attention fused", "use --attention auto or tiled")
     tok = loaded.tokenizer
     if len(data) == 1 and data[0].suffix == ".safetensors":
         if not data[0].is_file():

@@ -16,6 +16,7 @@ from typing import Annotated, Optional, TypeVar
 import typer
 
 from lmqa.options import AnswerOptions, EngineOptions, ModelOptions, ReadOptions, SessionOptions
+from lmqa.terminal import UserError
 
 T = TypeVar("T")
 
@@ -42,6 +43,19 @@ MaxMemoryOpt = Annotated[str, typer.Option("--max-memory", help="Key/value memor
 CandidatesOpt = Annotated[int, typer.Option("--candidates", "-c", min=1, help="Greedy answers: complete this many candidates (one from each of the likeliest first tokens) and give the likeliest whole answer; 1 = plain greedy, streamed as generated.", envvar="LMQA_CANDIDATES")]
 QuoteOpt = Annotated[bool, typer.Option("--quote/--no-quote", help="Documents: hold the answer to a verbatim passage of the document (as the default model is trained to answer: no invented details), or let the model use its own words. Codebases: answer with a definition of the symbol index (name, file:line, signature), or in the model's own words.")]
 SeedOpt = Annotated[Optional[int], typer.Option("--seed", help="Random seed for sampling (with --temperature above 0).")]
+
+
+def integers(text: str, flag: str, least: int, what: str, unit: str = "") -> list[int]:
+    """A comma-separated flag value as integers of at least `least`, or a
+    one-line UserError ("--lengths needs lengths of at least 64 tokens":
+    what="lengths", unit="tokens")."""
+    try:
+        values = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise UserError(f"{flag} must be comma-separated integers, not {text!r}") from None
+    if not values or min(values) < least:
+        raise UserError(f"{flag} needs {what} of at least {least}" + (f" {unit}" if unit else ""))
+    return values
 
 
 def options_of(ctx: typer.Context, cls: type[T], **given) -> T:

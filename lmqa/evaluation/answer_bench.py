@@ -10,6 +10,7 @@ context file, answer), from a context file saved once per length.
 
 from __future__ import annotations
 
+import json
 import statistics
 import subprocess
 import sys
@@ -45,15 +46,13 @@ class AnswerRow:
 def cut(tokenizer, text: str, n_tokens: int) -> str:
     """The first n_tokens tokens of text (repeated as often as it takes), cut
     at a token boundary."""
-    ids = tokenizer(text, add_special_tokens=False).input_ids
-    if not ids:
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    if not enc.input_ids:
         raise ValueError("the document holds no text")
-    repeats = -(-n_tokens // len(ids))
-    whole = "\n\n".join([text] * repeats)
-    enc = tokenizer(whole, add_special_tokens=False, return_offsets_mapping=True)
-    if len(enc.input_ids) <= n_tokens:
-        return whole
-    return whole[: enc.offset_mapping[n_tokens][0]]
+    if len(enc.input_ids) < n_tokens:  # repeat it, then cut the whole
+        text = "\n\n".join([text] * -(-n_tokens // len(enc.input_ids)))
+        enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    return text if len(enc.input_ids) <= n_tokens else text[: enc.offset_mapping[n_tokens][0]]
 
 
 def bench_answers(loaded: LoadedModel, engine: LandmarkEngine, text: str, lengths: list[int],
@@ -98,8 +97,6 @@ def bench_answers(loaded: LoadedModel, engine: LandmarkEngine, text: str, length
 
 
 def _answer_of(stdout: str) -> str:
-    import json
-
     return json.loads(stdout.strip().splitlines()[-1])["answer"]
 
 

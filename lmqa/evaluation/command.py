@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Annotated, Optional
 import typer
 from rich.markup import escape
 
-from lmqa.flags import CandidatesOpt, DeviceOpt, ModelOpt, OffloadOpt, QuantOpt, TopKOpt, options_of
+from lmqa.flags import CandidatesOpt, DeviceOpt, ModelOpt, OffloadOpt, QuantOpt, TopKOpt, integers, options_of
 from lmqa.options import EngineOptions, ModelOptions
 from lmqa.sessions import load_model, new_engine
 from lmqa.terminal import UserError, check_output_path, console, err, friendly, prefill_bar
@@ -66,13 +66,8 @@ def eval_command(
     from lmqa.evaluation.ruler import TASKS as RULER_TASKS
     from lmqa.evaluation.tasks import TASKS, EvalError, parse_depths
 
-    try:
-        sizes = tuple(int(x) for x in lengths.split(",") if x.strip())
-        chosen = tuple(t.strip() for t in tasks.split(",") if t.strip())
-    except ValueError:
-        raise UserError(f"--lengths must be comma-separated integers, not {lengths!r}") from None
-    if not sizes or min(sizes) < 256:
-        raise UserError("--lengths needs lengths of at least 256 tokens")
+    sizes = tuple(integers(lengths, "--lengths", 256, "lengths", "tokens"))
+    chosen = tuple(t.strip() for t in tasks.split(",") if t.strip())
     ruler_tasks = RULER_TASKS if "ruler" in chosen else tuple(t for t in chosen if t in RULER_TASKS)
     if not chosen or set(chosen) - set(TASKS) - set(OTHER_TASKS) - set(RULER_TASKS):
         raise UserError(f"--tasks must name some of {', '.join(TASKS)}, code, bookqa, ruler (or its tasks), "
